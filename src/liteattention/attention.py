@@ -1,0 +1,234 @@
+"""LiteAttention: the functional op, the per-layer module, and input validation."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Literal, Union, overload
+
+import torch
+
+from .plan import RangesLike, build_plan, normalize_ranges
+from .reference import reference_forward
+from .schedule import ThresholdLike, ThresholdSchedule, check_threshold
+from .state import CallStats, SkipState, TileGeometry, check_block_sizes, default_block_sizes, pack_bits
+
+Backend = Literal["auto", "reference", "triton"]
+Output = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16)
+TRITON_MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """'auto' picks Triton for CUDA tensors and the reference elsewhere."""
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
+    if backend == "auto":
+        return "triton" if q.is_cuda else "reference"
+    if backend == "triton" and not q.is_cuda and not _interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got device {q.device}); "
+            "set TRITON_INTERPRET=1 to run the kernel on the CPU interpreter"
+        )
+    return backend
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> str:
+    """Raise TypeError/ValueError naming the argument if q, k, v cannot be attended by ``backend``;
+    return the backend that will run ('auto' resolved)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, seq, heads, head_dim), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if 0 in t.shape:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    for what, dim in (("batch", 0), ("heads", 2), ("head_dim", 3)):
+        if q.shape[dim] != k.shape[dim]:
+            raise ValueError(f"q and k must have the same {what} (dim {dim}), got {q.shape[dim]} and {k.shape[dim]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    backend = resolve_backend(backend, q)
+    if backend == "triton":
+        if q.dtype not in TRITON_DTYPES:
+            raise TypeError(f"the triton backend takes float16 or bfloat16 inputs, got {q.dtype}")
+        head_dim = q.shape[3]
+        if head_dim % 16 or head_dim > TRITON_MAX_HEAD_DIM:
+            raise ValueError(f"the triton backend takes head_dim a multiple of 16 up to {TRITON_MAX_HEAD_DIM}, got {head_dim}")
+    return backend
+
+
+def check_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float or None (= head_dim ** -0.5), got {scale!r}")
+    return float(scale)
+
+
+def lite_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: SkipState | None = None,
+    *,
+    threshold: float = -10.0,
+    scale: float | None = None,
+    return_lse: bool = False,
+    must_do: RangesLike = None,
+    must_skip: RangesLike = None,
+    backend: Backend = "auto",
+) -> Output:
+    """Softmax attention that skips the tiles ``state`` marks and marks newly negligible ones.
+
+    q: (B, Sq, H, D); k, v: (B, Sk, H, D). With ``state=None`` this is dense attention (same
+    kernel, nothing skipped or marked). ``threshold`` is in log2 units (see the README); -inf
+    marks nothing. ``must_do`` / ``must_skip`` are key ranges [start, end). Returns the output
+    (q's shape and dtype), and the LSE (B, H, Sq) float32 if ``return_lse``.
+    The state must have been built for these shapes (see ``SkipState.for_inputs``).
+    """
+    backend_name = check_inputs(q, k, v, backend)
+    threshold = check_threshold(threshold)
+    scale = check_scale(scale, q.shape[3])
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k = k.shape[1]
+    if state is not None:
+        if not isinstance(state, SkipState):
+            raise TypeError(f"state must be a SkipState or None, got {type(state).__name__}")
+        reason = state.mismatch(q, k)
+        if reason is not None:
+            raise ValueError(f"state does not fit the inputs: {reason}; build a new one or reset it with new shapes")
+        geometry = state.geometry
+    else:
+        geometry = TileGeometry(seq_q, seq_k, *default_block_sizes(head_dim))
+    plan = build_plan(
+        geometry, batch, heads, q.device,
+        state.mask() if state is not None else None,
+        normalize_ranges(must_do, seq_k, "must_do"),
+        normalize_ranges(must_skip, seq_k, "must_skip"),
+    )
+    mark = state is not None and threshold != -math.inf
+    marked_before = state.marked_count() if state is not None else None
+
+    if backend_name == "triton":
+        from .kernels.triton_forward import triton_forward
+
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        work = plan.work_list(batch, heads) if plan.computed is not None or mark else None
+        out, lse = triton_forward(
+            q, k, v, geometry, scale=scale, threshold=threshold,
+            bits=state.bits if mark else None, work=work, return_lse=return_lse,
+        )
+    else:
+        out, lse, marked = reference_forward(q, k, v, plan, scale=scale, threshold=threshold, mark=mark)
+        if marked is not None:
+            state.bits |= pack_bits(marked)
+
+    if state is not None:
+        state.record(threshold, plan.computed_count(batch, heads), marked_before)
+    return (out, lse) if return_lse else out
+
+
+class LiteAttention:
+    """Attention for one layer, with its persistent skip mask.
+
+    Use one instance per attention layer (and per classifier-free-guidance branch): the mask
+    records which tiles of *this* layer's attention matrix were negligible, which differs from
+    layer to layer and between conditional and unconditional inputs.
+
+    >>> attn = LiteAttention(threshold=-10.0)
+    >>> out = attn(q, k, v)          # step 0: computes everything, marks negligible tiles
+    >>> out = attn(q2, k2, v2)       # step 1: skips them, marks more
+    >>> attn.reset()                 # new video
+    """
+
+    def __init__(
+        self,
+        threshold: ThresholdLike = -10.0,
+        *,
+        enabled: bool = True,
+        block_m: int | None = None,
+        block_n: int | None = None,
+        backend: Backend = "auto",
+    ) -> None:
+        self.schedule = ThresholdSchedule(threshold)
+        if block_m is not None or block_n is not None:
+            check_block_sizes(block_m or 128, block_n or 64)
+        self.block_m, self.block_n = block_m, block_n
+        self.enabled = enabled
+        self.backend: Backend = backend
+        self.state: SkipState | None = None
+
+    @overload
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: Literal[False] = ..., scale: float | None = ..., must_do: RangesLike = ..., must_skip: RangesLike = ..., step: int | None = ...) -> torch.Tensor: ...
+    @overload
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: Literal[True], scale: float | None = ..., must_do: RangesLike = ..., must_skip: RangesLike = ..., step: int | None = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        return_lse: bool = False,
+        must_do: RangesLike = None,
+        must_skip: RangesLike = None,
+        step: int | None = None,
+    ) -> Output:
+        """Attend q (B, Sq, H, D) to k, v (B, Sk, H, D).
+
+        ``step`` picks the threshold from the schedule (default: the number of calls since the
+        last reset). When disabled, this is dense attention and the state is left alone.
+        """
+        kwargs = dict(scale=scale, return_lse=return_lse, must_do=must_do, must_skip=must_skip, backend=self.backend)
+        if not self.enabled:
+            return lite_attention(q, k, v, None, **kwargs)
+        check_inputs(q, k, v, self.backend)
+        if self.state is not None:
+            reason = self.state.mismatch(q, k)
+            if reason is not None:
+                warnings.warn(f"LiteAttention: rebuilding the skip state, {reason}", stacklevel=2)
+                self.state = None
+        if self.state is None:
+            self.state = SkipState.for_inputs(q, k, self.block_m, self.block_n)
+        threshold = self.schedule(self.state.step if step is None else step)
+        return lite_attention(q, k, v, self.state, threshold=threshold, **kwargs)
+
+    def reset(self) -> None:
+        """Forget the mask and statistics (call before each new video)."""
+        if self.state is not None:
+            self.state.reset()
+
+    def mask(self) -> torch.Tensor | None:
+        """The skip mask, bool (B, H, Qt, Kt), True = skipped from the next call on; None before any call."""
+        return None if self.state is None else self.state.mask()
+
+    @property
+    def step(self) -> int:
+        return 0 if self.state is None else self.state.step
+
+    @property
+    def last_stats(self) -> CallStats | None:
+        return None if self.state is None else self.state.last_stats
+
+    @property
+    def last_sparsity(self) -> float | None:
+        """Fraction of tiles the last call skipped."""
+        stats = self.last_stats
+        return None if stats is None else stats.sparsity
+
+    def __repr__(self) -> str:
+        return f"LiteAttention(threshold={self.schedule!r}, enabled={self.enabled}, state={self.state!r})"

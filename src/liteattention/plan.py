@@ -1,0 +1,140 @@
+"""Per-call work planning: which tiles each q-tile computes, in which order, and which may be marked.
+
+Shared by every backend so that they agree on the contract by construction: the reference walks
+the plan tile by tile; the Triton kernel reads its compacted form (a work list per q-tile).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from .state import TileGeometry
+
+Range = tuple[int, int]
+RangesLike = Union[None, Range, Sequence[Range]]
+
+
+def normalize_ranges(ranges: RangesLike, seq_k: int, name: str) -> tuple[Range, ...]:
+    """Validate key-index ranges [start, end) given as one pair or a sequence of pairs."""
+    if ranges is None:
+        return ()
+    if isinstance(ranges, tuple) and len(ranges) == 2 and all(isinstance(x, int) for x in ranges):
+        ranges = [ranges]
+    if not isinstance(ranges, Sequence) or isinstance(ranges, (str, bytes)):
+        raise TypeError(f"{name} must be a (start, end) pair or a sequence of them, got {type(ranges).__name__}")
+    result = []
+    for i, r in enumerate(ranges):
+        if not (isinstance(r, Sequence) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)):
+            raise TypeError(f"{name}[{i}] must be a (start, end) pair of ints, got {r!r}")
+        start, end = r
+        if not 0 <= start < end <= seq_k:
+            raise ValueError(f"{name}[{i}] = ({start}, {end}) must satisfy 0 <= start < end <= {seq_k} (the key length)")
+        result.append((start, end))
+    return tuple(result)
+
+
+def _tile_bounds(geometry: TileGeometry, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = torch.arange(geometry.k_tiles, device=device) * geometry.block_n
+    return starts, torch.clamp(starts + geometry.block_n, max=geometry.seq_k)
+
+
+def must_do_tiles(ranges: tuple[Range, ...], geometry: TileGeometry, device: torch.device) -> torch.Tensor:
+    """Bool (Kt,): k-tiles that overlap any must-do range (always computed, never marked)."""
+    starts, ends = _tile_bounds(geometry, device)
+    flags = torch.zeros(geometry.k_tiles, dtype=torch.bool, device=device)
+    for start, end in ranges:
+        flags |= (starts < end) & (ends > start)
+    return flags
+
+
+def must_skip_tiles(ranges: tuple[Range, ...], geometry: TileGeometry, device: torch.device) -> torch.Tensor:
+    """Bool (Kt,): k-tiles lying wholly inside one must-skip range (never computed)."""
+    starts, ends = _tile_bounds(geometry, device)
+    flags = torch.zeros(geometry.k_tiles, dtype=torch.bool, device=device)
+    for start, end in ranges:
+        flags |= (starts >= start) & (ends <= end)
+    return flags
+
+
+def visit_order(geometry: TileGeometry, device: torch.device) -> torch.Tensor:
+    """(Qt, Kt) int64: for each q-tile, its diagonal k-tile first, then the others ascending."""
+    pos = torch.arange(geometry.k_tiles, device=device)
+    diag = geometry.diagonal_tiles(device).unsqueeze(1)
+    return torch.where(pos == 0, diag, torch.where(pos <= diag, pos - 1, pos))
+
+
+@dataclass
+class TilePlan:
+    """What one call computes.
+
+    computed: bool (B, H, Qt, Kt), or None when every tile is computed (dense, nothing skipped).
+    markable: bool (Kt,): tiles that may be marked (all but must-do tiles).
+    order: (Qt, Kt) visit order of k-tiles per q-tile.
+    """
+
+    geometry: TileGeometry
+    computed: torch.Tensor | None
+    markable: torch.Tensor
+    order: torch.Tensor
+
+    def computed_count(self, batch: int, heads: int) -> torch.Tensor:
+        if self.computed is None:
+            g = self.geometry
+            return torch.tensor(batch * heads * g.q_tiles * g.k_tiles, device=self.markable.device)
+        return self.computed.sum()
+
+    def work_list(self, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compact the plan for the kernel.
+
+        Returns entries (B, H, Qt, Kt) int32 and counts (B, H, Qt) int32: the first counts[b, h, i]
+        entries of row (b, h, i) are its computed k-tiles in visit order, each stored as kt when
+        markable and as -(kt + 1) when not.
+        """
+        g = self.geometry
+        device = self.markable.device
+        order = self.order.expand(batch, heads, g.q_tiles, g.k_tiles)
+        computed = self.computed
+        if computed is None:
+            computed = torch.ones(batch, heads, g.q_tiles, g.k_tiles, dtype=torch.bool, device=device)
+        in_order = computed.gather(-1, order)
+        encoded = torch.where(self.markable[order], order, -order - 1).to(torch.int32)
+        # Scatter each computed entry to its rank among the computed ones; the rest go to a spare column.
+        rank = torch.cumsum(in_order, dim=-1) - 1
+        target = torch.where(in_order, rank, g.k_tiles)
+        entries = torch.zeros(batch, heads, g.q_tiles, g.k_tiles + 1, dtype=torch.int32, device=device)
+        entries.scatter_(-1, target, encoded)
+        counts = in_order.sum(-1, dtype=torch.int32)
+        return entries[..., : g.k_tiles].contiguous(), counts
+
+
+def build_plan(
+    geometry: TileGeometry,
+    batch: int,
+    heads: int,
+    device: torch.device,
+    mask: torch.Tensor | None,
+    must_do: tuple[Range, ...],
+    must_skip: tuple[Range, ...],
+) -> TilePlan:
+    """Combine the skip mask (bool (B, H, Qt, Kt) or None) with the must-do / must-skip ranges."""
+    # Flags are built and checked on the host (Kt is small) so that no check waits on the GPU.
+    cpu = torch.device("cpu")
+    do = must_do_tiles(must_do, geometry, cpu)
+    skip = must_skip_tiles(must_skip, geometry, cpu)
+    if bool((do & skip).any()):
+        raise ValueError("must_do and must_skip ranges cover the same key tile; they must be disjoint")
+    if bool(skip.all()):
+        raise ValueError("must_skip covers every key tile: no key would be attended to")
+    do, skip = do.to(device), skip.to(device)
+    computed = None
+    if mask is not None or must_skip:
+        computed = torch.ones(batch, heads, geometry.q_tiles, geometry.k_tiles, dtype=torch.bool, device=device)
+        if mask is not None:
+            computed &= ~mask
+        computed &= ~skip
+        computed |= do
+    return TilePlan(geometry, computed, ~do, visit_order(geometry, device))

@@ -1,0 +1,213 @@
+"""SkipState: the persistent, bit-packed skip mask of one attention layer and its bookkeeping."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+WORD_BITS = 32
+ALLOWED_BLOCKS = (16, 32, 64, 128)
+
+
+def default_block_sizes(head_dim: int) -> tuple[int, int]:
+    """Tile shape (block_m, block_n) used when the caller does not choose one.
+
+    128x64 keeps the tensor cores busy at head dims up to 128 on Hopper; at 256 the accumulator
+    of a 128-row tile would not fit in registers, so q-tiles shrink to 64 rows.
+    """
+    return (64, 64) if head_dim > 128 else (128, 64)
+
+
+def check_block_sizes(block_m: int, block_n: int) -> None:
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if value not in ALLOWED_BLOCKS:
+            raise ValueError(f"{name} must be one of {ALLOWED_BLOCKS}, got {value!r}")
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor (..., n) into int32 words (..., ceil(n / 32)); bit j%32 of word j//32."""
+    n = mask.shape[-1]
+    words = math.ceil(n / WORD_BITS)
+    padded = torch.zeros(*mask.shape[:-1], words * WORD_BITS, dtype=torch.int64, device=mask.device)
+    padded[..., :n] = mask.to(torch.int64)
+    shifts = torch.arange(WORD_BITS, device=mask.device, dtype=torch.int64)
+    packed = (padded.view(*mask.shape[:-1], words, WORD_BITS) << shifts).sum(-1)
+    # Wrap to the signed int32 range: bit 31 becomes the sign bit.
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: int32 words (..., w) to a bool tensor (..., n)."""
+    shifts = torch.arange(WORD_BITS, device=words.device, dtype=torch.int32)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :n].bool()
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """How the (Sq x Sk) attention matrix is cut into tiles; the last tile of each axis may be partial."""
+
+    seq_q: int
+    seq_k: int
+    block_m: int
+    block_n: int
+
+    @property
+    def q_tiles(self) -> int:
+        return math.ceil(self.seq_q / self.block_m)
+
+    @property
+    def k_tiles(self) -> int:
+        return math.ceil(self.seq_k / self.block_n)
+
+    @property
+    def words(self) -> int:
+        """int32 words per (batch, head, q-tile) row of the packed mask."""
+        return math.ceil(self.k_tiles / WORD_BITS)
+
+    def diagonal_tiles(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The k-tile each q-tile visits first: the one holding key position
+        floor(first_row * Sk / Sq), i.e. the attention-matrix diagonal scaled to Sq != Sk."""
+        first_rows = torch.arange(self.q_tiles, device=device, dtype=torch.int64) * self.block_m
+        return torch.div(first_rows * self.seq_k, self.seq_q, rounding_mode="floor") // self.block_n
+
+
+@dataclass(frozen=True)
+class CallStats:
+    """What one attention call did."""
+
+    step: int
+    threshold: float
+    total_tiles: int
+    computed_tiles: int
+    newly_marked: int
+    marked_after: int
+
+    @property
+    def sparsity(self) -> float:
+        """Skipped tiles / all tiles of the call (B * H * Qt * Kt)."""
+        return 1.0 - self.computed_tiles / self.total_tiles
+
+    @property
+    def marked_fraction(self) -> float:
+        """Fraction of tiles marked in the mask after the call (what the next call may skip)."""
+        return self.marked_after / self.total_tiles
+
+
+class SkipState:
+    """Persistent skip mask of one attention layer (one CFG branch), bit-packed.
+
+    The mask has one bit per (batch, head, q-tile, k-tile): set = the tile was found negligible in
+    an earlier call and is skipped from then on. Bits are only ever set, until :meth:`reset`.
+    Storage: int32 words of shape (B, H, Qt, ceil(Kt / 32)).
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        seq_q: int,
+        seq_k: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        block_m: int | None = None,
+        block_n: int | None = None,
+    ) -> None:
+        for name, value in (("batch", batch), ("heads", heads), ("seq_q", seq_q), ("seq_k", seq_k), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        default_m, default_n = default_block_sizes(head_dim)
+        block_m = default_m if block_m is None else block_m
+        block_n = default_n if block_n is None else block_n
+        check_block_sizes(block_m, block_n)
+        self.batch, self.heads, self.head_dim = batch, heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.geometry = TileGeometry(seq_q, seq_k, block_m, block_n)
+        g = self.geometry
+        self.bits = torch.zeros(batch, heads, g.q_tiles, g.words, dtype=torch.int32, device=self.device)
+        self.step = 0
+        self._history: list[CallStats] = []
+        # Statistics of recent calls still as device tensors: read lazily, so a call never waits
+        # on the GPU just to count tiles.
+        self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @classmethod
+    def for_inputs(cls, q: torch.Tensor, k: torch.Tensor, block_m: int | None = None, block_n: int | None = None) -> "SkipState":
+        """A fresh state shaped for q (B, Sq, H, D) and k (B, Sk, H, D)."""
+        b, sq, h, d = q.shape
+        return cls(b, h, sq, k.shape[1], d, dtype=q.dtype, device=q.device, block_m=block_m, block_n=block_n)
+
+    @property
+    def total_tiles(self) -> int:
+        return self.batch * self.heads * self.geometry.q_tiles * self.geometry.k_tiles
+
+    @property
+    def history(self) -> list[CallStats]:
+        """Statistics of every call since the last reset, oldest first."""
+        if self._pending:
+            values = torch.stack([torch.stack(p[2:]) for p in self._pending]).tolist()
+            for (step, threshold, *_), (computed, before, after) in zip(self._pending, values):
+                self._history.append(CallStats(step, threshold, self.total_tiles, int(computed), int(after - before), int(after)))
+            self._pending.clear()
+        return self._history
+
+    @property
+    def last_stats(self) -> CallStats | None:
+        history = self.history
+        return history[-1] if history else None
+
+    def marked_count(self) -> torch.Tensor:
+        """Number of marked tiles, as a 0-dim device tensor."""
+        return unpack_bits(self.bits, self.geometry.k_tiles).sum()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of persistent storage (the packed mask)."""
+        return self.bits.numel() * self.bits.element_size()
+
+    def mismatch(self, q: torch.Tensor, k: torch.Tensor) -> str | None:
+        """Why this state cannot serve inputs q, k, or None if it can."""
+        b, sq, h, d = q.shape
+        expected = {
+            "batch": (self.batch, b), "heads": (self.heads, h), "head_dim": (self.head_dim, d),
+            "seq_q": (self.geometry.seq_q, sq), "seq_k": (self.geometry.seq_k, k.shape[1]),
+            "dtype": (self.dtype, q.dtype), "device": (self.device, q.device),
+        }
+        wrong = [f"{name} {have} (inputs have {got})" for name, (have, got) in expected.items() if have != got]
+        return None if not wrong else "state was built for " + ", ".join(wrong)
+
+    def mask(self) -> torch.Tensor:
+        """The skip mask as bool (B, H, Qt, Kt): True = skipped by the next call."""
+        return unpack_bits(self.bits, self.geometry.k_tiles)
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Replace the mask (for benchmarks, warm starts and tests); shape (B, H, Qt, Kt) bool."""
+        g = self.geometry
+        expected = (self.batch, self.heads, g.q_tiles, g.k_tiles)
+        if mask.dtype != torch.bool or tuple(mask.shape) != expected:
+            raise ValueError(f"mask must be a bool tensor of shape {expected}, got {mask.dtype} {tuple(mask.shape)}")
+        self.bits.copy_(pack_bits(mask.to(self.device)))
+
+    def record(self, threshold: float, computed: torch.Tensor, marked_before: torch.Tensor) -> None:
+        """Log one call (tile counts as 0-dim tensors) and advance the step counter."""
+        self._pending.append((self.step, threshold, computed.to(torch.int64), marked_before, self.marked_count()))
+        self.step += 1
+
+    def reset(self) -> None:
+        """Forget all marks and statistics: the next call starts a new video."""
+        self.bits.zero_()
+        self.step = 0
+        self._history.clear()
+        self._pending.clear()
+
+    def __repr__(self) -> str:
+        g = self.geometry
+        return (
+            f"SkipState(batch={self.batch}, heads={self.heads}, seq_q={g.seq_q}, seq_k={g.seq_k}, "
+            f"head_dim={self.head_dim}, tiles={g.block_m}x{g.block_n}, step={self.step}, bytes={self.nbytes})"
+        )

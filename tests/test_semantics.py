@@ -1,0 +1,238 @@
+"""The LiteAttention contract, checked on every backend against float64 softmax attention.
+
+Each test runs on the reference (float32 and bfloat16) and on the Triton kernel (float16 and
+bfloat16; under TRITON_INTERPRET=1 when there is no GPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, FULL
+from helpers import expand_tile_mask, rel_err, softmax_attention, tiled_inputs
+
+from liteattention import LiteAttention, SkipState, lite_attention
+from liteattention.plan import visit_order
+from liteattention.state import TileGeometry
+
+BACKENDS = [
+    pytest.param("reference", torch.float32, id="reference-f32"),
+    pytest.param("reference", torch.bfloat16, id="reference-bf16"),
+    pytest.param("triton", torch.float16, id="triton-f16"),
+    pytest.param("triton", torch.bfloat16, id="triton-bf16"),
+]
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+LSE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def device_for(backend):
+    return DEVICE if backend == "triton" else "cpu"
+
+
+def randn(*shape, dtype, device):
+    return torch.randn(*shape).to(dtype=dtype, device=device)
+
+
+def check_close(out, lse, q, k, v, dtype, key_mask=None, scale=None):
+    ref_out, ref_lse = softmax_attention(q, k, v, scale=scale, key_mask=key_mask)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    assert rel_err(out.cpu(), ref_out.cpu()) < TOL[dtype]
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+        assert (lse.double().cpu() - ref_lse.cpu()).abs().max().item() < LSE_TOL[dtype]
+
+
+DENSE_SHAPES = [
+    # (batch, seq_q, seq_k, heads, head_dim)
+    (1, 1, 1, 1, 64),
+    (2, 127, 127, 2, 64),
+    (1, 129, 129, 1, 128),
+    (1, 1000, 1000, 1, 64),
+    (2, 100, 257, 1, 32),   # Sq != Sk
+    (1, 257, 70, 2, 96),    # Sq != Sk, head dim padded to 128 in the kernel
+]
+if FULL:
+    DENSE_SHAPES += [(1, 5000, 5000, 4, 128), (1, 32760, 32760, 2, 128), (1, 5000, 5000, 4, 64), (2, 32760, 32760, 1, 64)]
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dense_modes_equal_softmax_attention(backend, dtype, shape):
+    """Skipping disabled, and a state with threshold=-inf, both give exact attention and LSE."""
+    b, sq, sk, h, d = shape
+    dev = device_for(backend)
+    q, k, v = randn(b, sq, h, d, dtype=dtype, device=dev), randn(b, sk, h, d, dtype=dtype, device=dev), randn(b, sk, h, d, dtype=dtype, device=dev)
+    out, lse = lite_attention(q, k, v, None, return_lse=True, backend=backend)
+    check_close(out, lse, q, k, v, dtype)
+    attn = LiteAttention(threshold=-math.inf, backend=backend)
+    for _ in range(2):
+        out, lse = attn(q, k, v, return_lse=True)
+        check_close(out, lse, q, k, v, dtype)
+        assert attn.last_sparsity == 0.0 and not attn.mask().any()
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+def test_scale_argument(backend, dtype):
+    dev = device_for(backend)
+    q, k, v = (randn(1, 70, 2, 64, dtype=dtype, device=dev) for _ in range(3))
+    out, lse = lite_attention(q, k, v, scale=0.3, return_lse=True, backend=backend)
+    check_close(out, lse, q, k, v, dtype, scale=0.3)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+def test_huge_threshold_marks_all_but_first_visited_tile(backend, dtype):
+    dev = device_for(backend)
+    q, k, v = (randn(2, 100, 2, 32, dtype=dtype, device=dev) for _ in range(3))
+    attn = LiteAttention(threshold=1e4, block_m=32, block_n=16, backend=backend)
+    attn(q, k, v)
+    mask = attn.mask()
+    g = attn.state.geometry
+    first = g.diagonal_tiles(mask.device)
+    expected = torch.ones_like(mask)
+    expected[:, :, torch.arange(g.q_tiles), first] = False
+    assert torch.equal(mask, expected)
+    # Next step: only the diagonal tile is computed, and the output is attention over it alone.
+    out, lse = attn(q, k, v, return_lse=True)
+    assert attn.last_stats.computed_tiles == 2 * 2 * g.q_tiles
+    key_mask = expand_tile_mask(~expected, g.block_m, g.block_n, 100, 100)
+    check_close(out, lse, q, k, v, dtype, key_mask=key_mask)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+def test_crafted_negligible_tiles_are_marked_exactly_and_skipped(backend, dtype):
+    b, s, h, d, bm, bn = 2, 96, 2, 32, 32, 16
+    dev = device_for(backend)
+    g = TileGeometry(s, s, bm, bn)
+    negligible = torch.rand(b, h, g.k_tiles) < 0.4
+    # The diagonal tile of each q-tile is visited first and must stay important, so that the
+    # expected marks are exactly the negligible tiles of each row.
+    diag = g.diagonal_tiles()
+    negligible[..., diag] = False
+    q, k, v = tiled_inputs(b, s, h, d, bn, dtype, dev, negligible)
+    attn = LiteAttention(threshold=-8.0, block_m=bm, block_n=bn, backend=backend)
+    attn(q, k, v)
+    expected = negligible[:, :, None, :].expand(b, h, g.q_tiles, g.k_tiles)
+    assert torch.equal(attn.mask().cpu(), expected)
+    assert attn.last_stats.newly_marked == int(expected.sum())
+    # Step 1 skips them: its output is exact attention over the remaining keys.
+    out, lse = attn(q, k, v, return_lse=True)
+    assert attn.last_sparsity == pytest.approx(expected.float().mean().item())
+    check_close(out, lse, q, k, v, dtype, key_mask=expand_tile_mask(~expected, bm, bn, s, s))
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+def test_skipped_values_are_never_read(backend, dtype):
+    """Whole-tile elimination: NaN in the values of skipped tiles must not reach the output."""
+    b, s, h, d, bm, bn = 1, 64, 1, 32, 32, 16
+    dev = device_for(backend)
+    negligible = torch.tensor([[[False, True, False, True]]])
+    q, k, v = tiled_inputs(b, s, h, d, bn, dtype, dev, negligible)
+    attn = LiteAttention(threshold=-8.0, block_m=bm, block_n=bn, backend=backend)
+    attn(q, k, v)
+    assert attn.mask().sum() == 2 * 2
+    v_nan = v.clone()
+    v_nan[:, 16:32] = float("nan")
+    v_nan[:, 48:64] = float("nan")
+    k_nan = k.clone()
+    k_nan[:, 16:32] = float("nan")
+    out = attn(q, k_nan, v_nan)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+def test_marks_are_monotone_and_minus_inf_marks_nothing(backend, dtype):
+    dev = device_for(backend)
+    b, s, h, d, bm, bn = 1, 80, 2, 32, 16, 16
+    g = TileGeometry(s, s, bm, bn)
+    lite = LiteAttention(threshold=[-12.0, -8.0, -8.0, -4.0], block_m=bm, block_n=bn, backend=backend)
+    never = LiteAttention(threshold=-math.inf, block_m=bm, block_n=bn, backend=backend)
+    previous = torch.zeros(b, h, g.q_tiles, g.k_tiles, dtype=torch.bool)
+    for step in range(4):
+        negligible = torch.rand(b, h, g.k_tiles) < 0.5
+        q, k, v = tiled_inputs(b, s, h, d, bn, dtype, dev, negligible, seed=step)
+        lite(q, k, v)
+        never(q, k, v)
+        mask = lite.mask().cpu()
+        assert (mask | previous).equal(mask), "a mark disappeared"
+        previous = mask
+        assert not never.mask().any() and never.last_sparsity == 0.0
+    assert previous.any()
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("edge", [-1, 0, 1])
+def test_must_do_and_must_skip_at_tile_edges(backend, dtype, edge):
+    """Ranges starting/ending at a tile boundary and one key either side of it."""
+    b, s, h, d, bm, bn = 1, 80, 2, 32, 16, 16
+    dev = device_for(backend)
+    q, k, v = (randn(b, s, h, d, dtype=dtype, device=dev) for _ in range(3))
+    skip = (16 + edge, 48 + edge)   # wholly covers k-tile 2 always; tiles 1 and 3 only when edge==0
+    do = (64 + edge, 80)            # overlaps tile 4 always, tile 3 when edge == -1
+    attn = LiteAttention(threshold=1e4, block_m=bm, block_n=bn, backend=backend)
+    out, lse = attn(q, k, v, must_do=do, must_skip=skip, return_lse=True)
+    skipped_tiles = {1, 2} if edge == 0 else {2}
+    if edge == -1:
+        skipped_tiles = {1}
+    done_tiles = {3, 4} if edge == -1 else {4}
+    computed = torch.ones(5, dtype=torch.bool)
+    computed[list(skipped_tiles)] = False
+    key_mask = computed.repeat_interleave(bn)[None, None, None, :s].expand(b, h, s, s)
+    check_close(out, lse, q, k, v, dtype, key_mask=key_mask)
+    mask = attn.mask()
+    assert not mask[..., sorted(done_tiles)].any(), "a must-do tile was marked"
+    assert not mask[..., sorted(skipped_tiles)].any(), "a must-skip tile was marked"
+    assert attn.last_stats.computed_tiles == b * h * 5 * int(computed.sum())
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+def test_must_do_over_whole_axis_skips_nothing(backend, dtype):
+    dev = device_for(backend)
+    q, k, v = (randn(1, 50, 2, 32, dtype=dtype, device=dev) for _ in range(3))
+    attn = LiteAttention(threshold=1e4, block_m=16, block_n=16, backend=backend)
+    for _ in range(3):
+        out, lse = attn(q, k, v, must_do=(0, 50), return_lse=True)
+        assert not attn.mask().any() and attn.last_sparsity == 0.0
+    check_close(out, lse, q, k, v, dtype)
+
+
+def test_visit_order_is_diagonal_first_then_ascending():
+    g = TileGeometry(seq_q=100, seq_k=300, block_m=32, block_n=64)
+    order = visit_order(g, torch.device("cpu"))
+    # q-tile 2 starts at row 64 -> key 192 -> k-tile 3.
+    assert order[2].tolist() == [3, 0, 1, 2, 4]
+    assert order[0].tolist() == [0, 1, 2, 3, 4]
+    assert all(sorted(row) == list(range(5)) for row in order.tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_matches_reference_over_steps(dtype):
+    """Same marks bit for bit and the same outputs, over simulated denoising steps."""
+    b, s, h, d, bm, bn = 2, 112, 2, 64, 32, 16
+    sizes = [(b, s, h, d, bm, bn)]
+    if FULL:
+        sizes += [(1, 5000, 4, 128, 128, 64), (1, 5000, 2, 64, 128, 64)]
+    for b, s, h, d, bm, bn in sizes:
+        g = TileGeometry(s, s, bm, bn)
+        ref = LiteAttention(threshold=lambda t: -12.0 + 2 * t, block_m=bm, block_n=bn, backend="reference")
+        tri = LiteAttention(threshold=lambda t: -12.0 + 2 * t, block_m=bm, block_n=bn, backend="triton")
+        base = torch.rand(b, h, g.k_tiles) < 0.3
+        for step in range(4):
+            # The pattern drifts a little each step, as attention does between denoising steps.
+            negligible = base ^ (torch.rand(b, h, g.k_tiles) < 0.1)
+            q, k, v = tiled_inputs(b, s, h, d, bn, dtype, DEVICE, negligible, seed=step)
+            out_tri = tri(q, k, v)
+            out_ref = ref(q.cpu(), k.cpu(), v.cpu())
+            assert torch.equal(tri.mask().cpu(), ref.mask()), f"marks differ at step {step}"
+            assert tri.last_stats == ref.last_stats
+            assert rel_err(out_tri.cpu(), out_ref) < TOL[dtype]
+        assert ref.mask().any() and ref.last_sparsity > 0
+
+
+def test_state_memory_is_bit_packed():
+    state = SkipState(1, 40, 75600, 75600, 128, dtype=torch.bfloat16, device="meta")
+    g = state.geometry
+    assert (g.q_tiles, g.k_tiles) == (591, 1182)
+    assert state.nbytes == 40 * 591 * 37 * 4  # 3.5 MB for the Wan2.1-14B 720p shape
