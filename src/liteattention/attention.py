@@ -9,7 +9,7 @@ from typing import Literal, Union, overload
 
 import torch
 
-from .plan import RangesLike, build_plan, normalize_ranges
+from .plan import RangesLike, build_plan, normalize_ranges, range_words
 from .reference import reference_forward
 from .schedule import ThresholdLike, ThresholdSchedule, check_threshold
 from .state import CallStats, SkipState, TileGeometry, check_block_sizes, default_block_sizes, pack_bits
@@ -113,32 +113,56 @@ def lite_attention(
         geometry = state.geometry
     else:
         geometry = TileGeometry(seq_q, seq_k, *default_block_sizes(head_dim))
-    plan = build_plan(
-        geometry, batch, heads, q.device,
-        state.mask() if state is not None else None,
-        normalize_ranges(must_do, seq_k, "must_do"),
-        normalize_ranges(must_skip, seq_k, "must_skip"),
-    )
+    must_do = normalize_ranges(must_do, seq_k, "must_do")
+    must_skip = normalize_ranges(must_skip, seq_k, "must_skip")
     mark = state is not None and threshold != -math.inf
-    marked_before = state.marked_count() if state is not None else None
 
     if backend_name == "triton":
-        from .kernels.triton_forward import triton_forward
-
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        work = plan.work_list(batch, heads) if plan.computed is not None or mark else None
-        out, lse = triton_forward(
-            q, k, v, geometry, scale=scale, threshold=threshold,
-            bits=state.bits if mark else None, work=work, return_lse=return_lse,
-        )
+        out, lse, stats = _triton_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, return_lse)
     else:
-        out, lse, marked = reference_forward(q, k, v, plan, scale=scale, threshold=threshold, mark=mark)
+        out, lse, stats = _reference_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, mark)
+    if state is not None:
+        state.record(threshold, stats)
+    return (out, lse) if return_lse else out
+
+
+def _reference_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, mark):
+    batch, _, heads, _ = q.shape
+    mask = state.mask() if state is not None else None
+    plan = build_plan(geometry, batch, heads, q.device, mask, must_do, must_skip)
+    out, lse, marked = reference_forward(q, k, v, plan, scale=scale, threshold=threshold, mark=mark)
+    stats = None
+    if state is not None:
+        newly = marked.sum() if marked is not None else torch.zeros((), dtype=torch.int64)
+        stats = torch.stack([plan.computed_count(batch, heads), mask.sum(), newly])
         if marked is not None:
             state.bits |= pack_bits(marked)
+    return out, lse, stats
 
-    if state is not None:
-        state.record(threshold, plan.computed_count(batch, heads), marked_before)
-    return (out, lse) if return_lse else out
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """t itself if TMA descriptors can address it (16-byte aligned base and strides), else a copy."""
+    step = 16 // t.element_size()
+    aligned = t.stride(-1) == 1 and all(s % step == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+    return t if aligned else t.contiguous()
+
+
+def _triton_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, return_lse):
+    from .kernels.triton_forward import STATS, plan_work, triton_forward
+
+    batch, _, heads, _ = q.shape
+    q, k, v = (_tma_ready(t) for t in (q, k, v))
+    stats = torch.zeros(STATS, dtype=torch.int64, device=q.device)
+    work = None
+    if state is not None or must_skip:
+        bits = state.bits if state is not None else torch.zeros(batch, heads, geometry.q_tiles, geometry.words, dtype=torch.int32, device=q.device)
+        do_words, skip_words = range_words(geometry, must_do, must_skip, q.device)
+        work = plan_work(bits, do_words, skip_words, geometry, stats)
+    out, lse = triton_forward(
+        q, k, v, geometry, scale=scale, threshold=threshold,
+        bits=state.bits if state is not None else None, work=work, stats=stats, return_lse=return_lse,
+    )
+    return out, lse, stats
 
 
 class LiteAttention:

@@ -1,18 +1,19 @@
 """Per-call work planning: which tiles each q-tile computes, in which order, and which may be marked.
 
-Shared by every backend so that they agree on the contract by construction: the reference walks
-the plan tile by tile; the Triton kernel reads its compacted form (a work list per q-tile).
+The reference walks a TilePlan tile by tile; the Triton backend builds the same plan on the GPU
+(kernels/triton_forward.py: _plan_work) from the packed mask and the tile flags made here.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
 
 import torch
 
-from .state import TileGeometry
+from .state import TileGeometry, pack_bits
 
 Range = tuple[int, int]
 RangesLike = Union[None, Range, Sequence[Range]]
@@ -87,28 +88,19 @@ class TilePlan:
             return torch.tensor(batch * heads * g.q_tiles * g.k_tiles, device=self.markable.device)
         return self.computed.sum()
 
-    def work_list(self, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compact the plan for the kernel.
 
-        Returns entries (B, H, Qt, Kt) int32 and counts (B, H, Qt) int32: the first counts[b, h, i]
-        entries of row (b, h, i) are its computed k-tiles in visit order, each stored as kt when
-        markable and as -(kt + 1) when not.
-        """
-        g = self.geometry
-        device = self.markable.device
-        order = self.order.expand(batch, heads, g.q_tiles, g.k_tiles)
-        computed = self.computed
-        if computed is None:
-            computed = torch.ones(batch, heads, g.q_tiles, g.k_tiles, dtype=torch.bool, device=device)
-        in_order = computed.gather(-1, order)
-        encoded = torch.where(self.markable[order], order, -order - 1).to(torch.int32)
-        # Scatter each computed entry to its rank among the computed ones; the rest go to a spare column.
-        rank = torch.cumsum(in_order, dim=-1) - 1
-        target = torch.where(in_order, rank, g.k_tiles)
-        entries = torch.zeros(batch, heads, g.q_tiles, g.k_tiles + 1, dtype=torch.int32, device=device)
-        entries.scatter_(-1, target, encoded)
-        counts = in_order.sum(-1, dtype=torch.int32)
-        return entries[..., : g.k_tiles].contiguous(), counts
+@functools.lru_cache(maxsize=64)
+def range_flags(geometry: TileGeometry, must_do: tuple[Range, ...], must_skip: tuple[Range, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(must-do, must-skip) tile flags, bool (Kt,) on the host, validated; cached because a model
+    calls every layer with the same ranges at every step."""
+    cpu = torch.device("cpu")
+    do = must_do_tiles(must_do, geometry, cpu)
+    skip = must_skip_tiles(must_skip, geometry, cpu)
+    if bool((do & skip).any()):
+        raise ValueError("must_do and must_skip ranges cover the same key tile; they must be disjoint")
+    if bool(skip.all()):
+        raise ValueError("must_skip covers every key tile: no key would be attended to")
+    return do, skip
 
 
 def build_plan(
@@ -121,15 +113,7 @@ def build_plan(
     must_skip: tuple[Range, ...],
 ) -> TilePlan:
     """Combine the skip mask (bool (B, H, Qt, Kt) or None) with the must-do / must-skip ranges."""
-    # Flags are built and checked on the host (Kt is small) so that no check waits on the GPU.
-    cpu = torch.device("cpu")
-    do = must_do_tiles(must_do, geometry, cpu)
-    skip = must_skip_tiles(must_skip, geometry, cpu)
-    if bool((do & skip).any()):
-        raise ValueError("must_do and must_skip ranges cover the same key tile; they must be disjoint")
-    if bool(skip.all()):
-        raise ValueError("must_skip covers every key tile: no key would be attended to")
-    do, skip = do.to(device), skip.to(device)
+    do, skip = (flags.to(device) for flags in range_flags(geometry, must_do, must_skip))
     computed = None
     if mask is not None or must_skip:
         computed = torch.ones(batch, heads, geometry.q_tiles, geometry.k_tiles, dtype=torch.bool, device=device)
@@ -138,3 +122,11 @@ def build_plan(
         computed &= ~skip
         computed |= do
     return TilePlan(geometry, computed, ~do, visit_order(geometry, device))
+
+
+@functools.lru_cache(maxsize=64)
+def range_words(
+    geometry: TileGeometry, must_do: tuple[Range, ...], must_skip: tuple[Range, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tile flags of :func:`range_flags`, bit-packed like the mask and on ``device``."""
+    return tuple(pack_bits(flags).to(device) for flags in range_flags(geometry, must_do, must_skip))

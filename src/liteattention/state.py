@@ -134,7 +134,7 @@ class SkipState:
         self._history: list[CallStats] = []
         # Statistics of recent calls still as device tensors: read lazily, so a call never waits
         # on the GPU just to count tiles.
-        self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending: list[tuple[int, float, torch.Tensor]] = []
 
     @classmethod
     def for_inputs(cls, q: torch.Tensor, k: torch.Tensor, block_m: int | None = None, block_n: int | None = None) -> "SkipState":
@@ -150,9 +150,9 @@ class SkipState:
     def history(self) -> list[CallStats]:
         """Statistics of every call since the last reset, oldest first."""
         if self._pending:
-            values = torch.stack([torch.stack(p[2:]) for p in self._pending]).tolist()
-            for (step, threshold, *_), (computed, before, after) in zip(self._pending, values):
-                self._history.append(CallStats(step, threshold, self.total_tiles, int(computed), int(after - before), int(after)))
+            values = torch.stack([p[2].to(torch.int64).cpu() for p in self._pending]).tolist()
+            for (step, threshold, _), (computed, before, newly) in zip(self._pending, values):
+                self._history.append(CallStats(step, threshold, self.total_tiles, computed, newly, before + newly))
             self._pending.clear()
         return self._history
 
@@ -160,10 +160,6 @@ class SkipState:
     def last_stats(self) -> CallStats | None:
         history = self.history
         return history[-1] if history else None
-
-    def marked_count(self) -> torch.Tensor:
-        """Number of marked tiles, as a 0-dim device tensor."""
-        return unpack_bits(self.bits, self.geometry.k_tiles).sum()
 
     @property
     def nbytes(self) -> int:
@@ -193,9 +189,10 @@ class SkipState:
             raise ValueError(f"mask must be a bool tensor of shape {expected}, got {mask.dtype} {tuple(mask.shape)}")
         self.bits.copy_(pack_bits(mask.to(self.device)))
 
-    def record(self, threshold: float, computed: torch.Tensor, marked_before: torch.Tensor) -> None:
-        """Log one call (tile counts as 0-dim tensors) and advance the step counter."""
-        self._pending.append((self.step, threshold, computed.to(torch.int64), marked_before, self.marked_count()))
+    def record(self, threshold: float, counts: torch.Tensor) -> None:
+        """Log one call and advance the step counter; ``counts`` holds (tiles computed, tiles
+        marked before the call, tiles newly marked) and may still be in flight on the GPU."""
+        self._pending.append((self.step, threshold, counts))
         self.step += 1
 
     def reset(self) -> None:
