@@ -90,6 +90,7 @@ def lite_attention(
     must_do: RangesLike = None,
     must_skip: RangesLike = None,
     backend: Backend = "auto",
+    step: int | None = None,
 ) -> Output:
     """Softmax attention that skips the tiles ``state`` marks and marks newly negligible ones.
 
@@ -97,7 +98,8 @@ def lite_attention(
     kernel, nothing skipped or marked). ``threshold`` is in log2 units (see the README); -inf
     marks nothing. ``must_do`` / ``must_skip`` are key ranges [start, end). Returns the output
     (q's shape and dtype), and the LSE (B, H, Sq) float32 if ``return_lse``.
-    The state must have been built for these shapes (see ``SkipState.for_inputs``).
+    The state must have been built for these shapes (see ``SkipState.for_inputs``); ``step``
+    (the denoising step, default: the state's call counter) is recorded in its statistics.
     """
     backend_name = check_inputs(q, k, v, backend)
     threshold = check_threshold(threshold)
@@ -122,7 +124,7 @@ def lite_attention(
     else:
         out, lse, stats = _reference_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, mark)
     if state is not None:
-        state.record(threshold, stats)
+        state.record(threshold, stats, step)
     return (out, lse) if return_lse else out
 
 
@@ -140,18 +142,27 @@ def _reference_call(q, k, v, state, geometry, scale, threshold, must_do, must_sk
     return out, lse, stats
 
 
-def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """t itself if TMA descriptors can address it (16-byte aligned base and strides), else a copy."""
+def _kernel_layout(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """t (B, S, H, D) as the kernel's TMA descriptors address it: D zero-padded to ``head_dim``
+    (zeros change no dot product), each batch element contiguous in (S, H, D) with a row stride
+    (a q/k/v slice of a fused projection qualifies), 16-byte aligned. Copies only when needed."""
+    if t.shape[3] != head_dim:
+        return torch.nn.functional.pad(t, (0, head_dim - t.shape[3]))
+    batch, seq, heads, _ = t.shape
     step = 16 // t.element_size()
-    aligned = t.stride(-1) == 1 and all(s % step == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
-    return t if aligned else t.contiguous()
+    addressable = (
+        t.stride(3) == 1 and t.stride(2) == head_dim and t.stride(1) % step == 0
+        and t.stride(0) == seq * t.stride(1) and t.data_ptr() % 16 == 0
+    )
+    return t if addressable else t.contiguous()
 
 
 def _triton_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, return_lse):
     from .kernels.triton_forward import STATS, plan_work, triton_forward
 
-    batch, _, heads, _ = q.shape
-    q, k, v = (_tma_ready(t) for t in (q, k, v))
+    batch, _, heads, head_dim = q.shape
+    kernel_dim = max(16, 1 << (head_dim - 1).bit_length())
+    q, k, v = (_kernel_layout(t, kernel_dim) for t in (q, k, v))
     stats = torch.zeros(STATS, dtype=torch.int64, device=q.device)
     work = None
     if state is not None or must_skip:
@@ -162,6 +173,8 @@ def _triton_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip,
         q, k, v, geometry, scale=scale, threshold=threshold,
         bits=state.bits if state is not None else None, work=work, stats=stats, return_lse=return_lse,
     )
+    if kernel_dim != head_dim:
+        out = out[..., :head_dim].contiguous()
     return out, lse, stats
 
 
@@ -224,12 +237,14 @@ class LiteAttention:
         if self.state is not None:
             reason = self.state.mismatch(q, k)
             if reason is not None:
-                warnings.warn(f"LiteAttention: rebuilding the skip state, {reason}", stacklevel=2)
+                # A fresh (or just reset) state holds nothing to lose; otherwise say so.
+                if self.state.step > 0:
+                    warnings.warn(f"LiteAttention: rebuilding the skip state, {reason}", stacklevel=2)
                 self.state = None
         if self.state is None:
             self.state = SkipState.for_inputs(q, k, self.block_m, self.block_n)
-        threshold = self.schedule(self.state.step if step is None else step)
-        return lite_attention(q, k, v, self.state, threshold=threshold, **kwargs)
+        step = self.state.step if step is None else step
+        return lite_attention(q, k, v, self.state, threshold=self.schedule(step), step=step, **kwargs)
 
     def reset(self) -> None:
         """Forget the mask and statistics (call before each new video)."""
@@ -250,7 +265,7 @@ class LiteAttention:
 
     @property
     def last_sparsity(self) -> float | None:
-        """Fraction of tiles the last call skipped."""
+        """Fraction of tiles the last call skipped (waits for that call on the GPU)."""
         stats = self.last_stats
         return None if stats is None else stats.sparsity
 

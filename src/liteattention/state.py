@@ -77,7 +77,7 @@ class TileGeometry:
 
 @dataclass(frozen=True)
 class CallStats:
-    """What one attention call did."""
+    """What one attention call did; ``step`` is the denoising step it belonged to."""
 
     step: int
     threshold: float
@@ -148,7 +148,8 @@ class SkipState:
 
     @property
     def history(self) -> list[CallStats]:
-        """Statistics of every call since the last reset, oldest first."""
+        """Statistics of every call since the last reset, oldest first (reading them waits for
+        the GPU work that produced them)."""
         if self._pending:
             values = torch.stack([p[2].to(torch.int64).cpu() for p in self._pending]).tolist()
             for (step, threshold, _), (computed, before, newly) in zip(self._pending, values):
@@ -189,10 +190,11 @@ class SkipState:
             raise ValueError(f"mask must be a bool tensor of shape {expected}, got {mask.dtype} {tuple(mask.shape)}")
         self.bits.copy_(pack_bits(mask.to(self.device)))
 
-    def record(self, threshold: float, counts: torch.Tensor) -> None:
-        """Log one call and advance the step counter; ``counts`` holds (tiles computed, tiles
-        marked before the call, tiles newly marked) and may still be in flight on the GPU."""
-        self._pending.append((self.step, threshold, counts))
+    def record(self, threshold: float, counts: torch.Tensor, step: int | None = None) -> None:
+        """Log one call and advance the call counter; ``counts`` holds (tiles computed, tiles
+        marked before the call, tiles newly marked) and may still be in flight on the GPU.
+        ``step`` is the denoising step the caller assigned to the call (default: the counter)."""
+        self._pending.append((self.step if step is None else step, threshold, counts))
         self.step += 1
 
     def reset(self) -> None:

@@ -87,11 +87,58 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(desc, b, row0, h, seq, HEAD_DIM: tl.constexpr):
+    """Tile of tokens row0.. of (batch b, head h). The descriptor views the tensor as
+    (B * S, H * D), so rows past the sequence end belong to the next batch element (or are
+    zero-filled past the tensor's end); every caller masks them out."""
+    return desc.load([b * seq + row0, h * HEAD_DIM])
+
+
+@triton.jit
+def _tile_at(entries_row, idx, USE_LIST: tl.constexpr):
+    """The k-tile at visit position idx: from the work list, or idx itself (dense, ascending)."""
+    if USE_LIST:
+        entry = tl.load(entries_row + idx)
+        return tl.where(entry >= 0, entry, -entry - 1)
+    else:
+        return idx
+
+
+@triton.jit
+def _attend_tile(
+    q, k_desc, v_desc, b, h, kt, m_i, l_i, acc, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Online-softmax update with k-tile kt (log2 units). Also returns each row's gap: the tile's
+    row max minus the running max before it, which the marking rule compares to the threshold."""
+    BLOCK_M: tl.constexpr = q.shape[0]
+    k = _load_tile(k_desc, b, kt * BLOCK_N, h, seq_k, HEAD_DIM)
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST_DOT)
+    if EVEN_N:
+        s = s * qk_scale
+    else:
+        # Keys past the end (zero-filled or another batch element's) get -inf, folded into the
+        # scaling as one FMA.
+        offs_n = tl.arange(0, BLOCK_N)
+        s = s * qk_scale + tl.where(kt * BLOCK_N + offs_n < seq_k, 0.0, float("-inf"))[None, :]
+    tile_max = tl.max(s, 1)
+    m_new = tl.maximum(m_i, tile_max)
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = _load_tile(v_desc, b, kt * BLOCK_N, h, seq_k, HEAD_DIM)
+    acc = _dot(p.to(v.dtype), v, acc, UPCAST_DOT)
+    return m_new, l_i, acc, tile_max - m_i
+
+
+@triton.jit
 def _lite_attention_fwd(
-    q_desc, k_desc, v_desc, o_desc, Lse, Bits, Entries, Counts, Stats,
+    q_desc, k_desc, v_desc, Out, Lse, Bits, Entries, Counts, Stats,
+    stride_ob, stride_os, stride_oh,
     heads, seq_q, seq_k, k_tiles, words,
     qk_scale, threshold,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_LIST: tl.constexpr, MARK: tl.constexpr, WRITE_LSE: tl.constexpr, EVEN_N: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
@@ -101,13 +148,11 @@ def _lite_attention_fwd(
     h = pid_bh % heads
     row = pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m  # (b, h, q-tile) row of the tile grid
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
 
-    q = q_desc.load([b, pid_m * BLOCK_M, h, 0]).reshape([BLOCK_M, BLOCK_D])
+    q = _load_tile(q_desc, b, pid_m * BLOCK_M, h, seq_q, HEAD_DIM)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_bits = tl.zeros([BLOCK_M], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     padding_rows = offs_m >= seq_q  # never veto a mark
     entries_row = Entries + row * k_tiles
     bits_row = Bits + row * words
@@ -116,55 +161,66 @@ def _lite_attention_fwd(
         count = tl.load(Counts + row)
     else:
         count = k_tiles
-    for idx in range(0, count):
-        if USE_LIST:
-            entry = tl.load(entries_row + idx)
-            kt = tl.where(entry >= 0, entry, -entry - 1)
-        else:
-            kt = idx
-        k = k_desc.load([b, kt * BLOCK_N, h, 0]).reshape([BLOCK_N, BLOCK_D])
-        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST_DOT)
-        if EVEN_N:
-            s = s * qk_scale
-        else:
-            # Keys past the end (zero-filled by TMA) get -inf, folded into the scaling as one FMA.
-            s = s * qk_scale + tl.where(kt * BLOCK_N + offs_n < seq_k, 0.0, float("-inf"))[None, :]
-        tile_max = tl.max(s, 1)
-        if MARK:
-            # Bit idx % 32 of each row: this row finds the tile negligible. The first visited
-            # tile has m_i = -inf, so tile_max - m_i = +inf and it is never marked.
-            negligible = ((tile_max - m_i) < threshold) | padding_rows
-            row_bits = row_bits | (negligible.to(tl.int32) << (idx % 32))
-            if (idx % 32 == 31) | (idx == count - 1):
-                _mark_group(row_bits, idx - idx % 32, count, entries_row, bits_row, Stats)
-                row_bits = tl.zeros([BLOCK_M], dtype=tl.int32)
-        m_new = tl.maximum(m_i, tile_max)
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = v_desc.load([b, kt * BLOCK_N, h, 0]).reshape([BLOCK_N, BLOCK_D])
-        acc = _dot(p.to(v.dtype), v, acc, UPCAST_DOT)
-        m_i = m_new
+    if MARK:
+        # Groups of 32 visited tiles: the verdict bits of a group are reduced across rows once,
+        # after its inner loop, so the inner loop stays free of branches and pipelines like the
+        # dense one.
+        for group_start in range(0, count, 32):
+            row_bits = tl.zeros([BLOCK_M], dtype=tl.int32)
+            for idx in range(group_start, tl.minimum(group_start + 32, count)):
+                kt = _tile_at(entries_row, idx, USE_LIST)
+                m_i, l_i, acc, gap = _attend_tile(
+                    q, k_desc, v_desc, b, h, kt, m_i, l_i, acc, seq_k, qk_scale, HEAD_DIM, BLOCK_N, EVEN_N, UPCAST_DOT,
+                )
+                # Bit idx - group_start of each row: this row finds the tile negligible. The first
+                # visited tile has gap = +inf (no running max yet), so it is never marked.
+                negligible = (gap < threshold) | padding_rows
+                row_bits = row_bits | (negligible.to(tl.int32) << (idx - group_start))
+            _mark_group(row_bits, group_start, count, entries_row, bits_row, Stats)
+    else:
+        for idx in range(0, count):
+            kt = _tile_at(entries_row, idx, USE_LIST)
+            m_i, l_i, acc, gap = _attend_tile(
+                q, k_desc, v_desc, b, h, kt, m_i, l_i, acc, seq_k, qk_scale, HEAD_DIM, BLOCK_N, EVEN_N, UPCAST_DOT,
+            )
 
     out = acc / l_i[:, None]
-    o_desc.store([b, pid_m * BLOCK_M, h, 0], out.to(o_desc.dtype).reshape([1, BLOCK_M, 1, BLOCK_D]))
+    offs_d = tl.arange(0, HEAD_DIM)
+    # A masked store, not TMA: the rows past seq_q would land in the next batch element.
+    tl.store(
+        Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=(offs_m < seq_q)[:, None],
+    )
     if WRITE_LSE:
         lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
         tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
-# (block_m, block_n, head_dim bucket) -> (num_warps, num_stages), measured on an H200 (docs/performance.md).
-LAUNCH_CONFIGS: dict[tuple[int, int, int], tuple[int, int]] = {}
+# (block_m, block_n, head_dim, uses a work list) -> (num_warps, num_stages), from the H200 sweep
+# in docs/performance.md (bench/sweep_configs.py). The work-list loop loads its k-tile index
+# indirectly and pipelines best shallower than the dense loop.
+LAUNCH_CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int]] = {
+    (128, 64, 128, False): (8, 3),
+    (128, 64, 128, True): (4, 3),
+    (128, 64, 64, False): (8, 3),
+    (128, 64, 64, True): (8, 2),
+    (128, 128, 128, False): (8, 3),
+    (128, 128, 128, True): (8, 2),
+    (128, 128, 64, False): (4, 3),
+    (128, 128, 64, True): (4, 3),
+}
 
 
-def launch_config(block_m: int, block_n: int, block_d: int) -> tuple[int, int]:
-    default = (4 if block_m * block_d <= 128 * 128 else 8, 2)
-    return LAUNCH_CONFIGS.get((block_m, block_n, block_d), default)
+def launch_config(block_m: int, block_n: int, head_dim: int, use_list: bool) -> tuple[int, int]:
+    default = (4 if block_m * head_dim <= 128 * 64 else 8, 2)
+    return LAUNCH_CONFIGS.get((block_m, block_n, head_dim, use_list), default)
 
 
-def _descriptor(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, block_d])
+def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """2-D TMA descriptor over (B * S, H * D); t must be contiguous in (S, H, D) per batch element."""
+    batch, seq, heads, head_dim = t.shape
+    return TensorDescriptor(t, [batch * seq, heads * head_dim], [t.stride(1), 1], [rows, head_dim])
 
 
 def plan_work(
@@ -208,6 +264,8 @@ def triton_forward(
     ``config`` = (num_warps, num_stages) overrides the recorded launch configuration.
     """
     batch, seq_q, heads, head_dim = q.shape
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"the kernel takes a power-of-two head_dim >= 16 (pad first), got {head_dim}")
     mark = bits is not None and threshold != -math.inf
     if mark and work is None:
         raise ValueError("marking needs a work list")
@@ -215,15 +273,15 @@ def triton_forward(
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device) if return_lse else None
     dummy = torch.empty(1, dtype=torch.int32, device=q.device)
     entries, counts = work if work is not None else (dummy, dummy)
-    block_d = max(16, triton.next_power_of_2(head_dim))
     bm, bn = geometry.block_m, geometry.block_n
-    num_warps, num_stages = config or launch_config(bm, bn, block_d)
+    num_warps, num_stages = config or launch_config(bm, bn, head_dim, work is not None)
     _lite_attention_fwd[(geometry.q_tiles, batch * heads)](
-        _descriptor(q, bm, block_d), _descriptor(k, bn, block_d), _descriptor(v, bn, block_d), _descriptor(out, bm, block_d),
-        lse if lse is not None else dummy, bits if mark else dummy, entries, counts, stats,
+        _descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn),
+        out, lse if lse is not None else dummy, bits if mark else dummy, entries, counts, stats,
+        out.stride(0), out.stride(1), out.stride(2),
         heads, seq_q, k.shape[1], geometry.k_tiles, geometry.words,
         scale * LOG2E, threshold if mark else 0.0,
-        BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
+        HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn,
         USE_LIST=work is not None, MARK=mark, WRITE_LSE=return_lse, EVEN_N=k.shape[1] % bn == 0,
         UPCAST_DOT=q.dtype == torch.bfloat16 and not q.is_cuda,
         num_warps=num_warps, num_stages=num_stages,
