@@ -1,6 +1,6 @@
 """Launch-configuration sweep for the Triton kernel on one GPU (recorded in docs/performance.md).
 
-For each shape, descriptor form and tile geometry, times dense mode (no list), the work-list path
+For each shape and tile geometry, times dense mode (no list), the work-list path
 with marking off, a first step (marking on, nothing skipped) and 50% random skipping for every (num_warps, num_stages), next to cuDNN SDPA.
 Usage: PYTHONPATH=src python bench/sweep_configs.py [--quick]
 """
@@ -32,7 +32,6 @@ def main() -> None:
     parser.add_argument("--shapes", default="1,40,32760,128;1,32,16384,64")
     parser.add_argument("--tiles", default="128x64,128x128")
     parser.add_argument("--configs", default="4x2,4x3,8x2,8x3,8x4")
-    parser.add_argument("--flat", default="1,0", help="2-D (1) and/or 4-D (0) tensor descriptors")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results = []
@@ -44,16 +43,15 @@ def main() -> None:
             ref = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
             cudnn = bench(lambda: F.scaled_dot_product_attention(qt, kt, vt))
         print(f"shape {shape}: cuDNN {cudnn:.3f} ms", flush=True)
-        for flat, tiles, cfg in itertools.product(args.flat.split(","), args.tiles.split(","), args.configs.split(",")):
-            tf.FLAT_DESCRIPTORS = flat == "1"
+        for tiles, cfg in itertools.product(args.tiles.split(","), args.configs.split(",")):
             bm, bn = map(int, tiles.split("x"))
             warps, stages = map(int, cfg.split("x"))
-            bd = max(16, triton.next_power_of_2(d))
-            tf.LAUNCH_CONFIGS[(bm, bn, bd)] = (warps, stages)
+            for use_list in (False, True):
+                tf.LAUNCH_CONFIGS[(bm, bn, d, use_list)] = (warps, stages)
             g = TileGeometry(s, s, bm, bn)
             stats = torch.zeros(tf.STATS, dtype=torch.int64, device="cuda")
             state = SkipState.for_inputs(q, k, bm, bn)
-            row = dict(shape=shape, flat=flat, tiles=tiles, warps=warps, stages=stages, cudnn_ms=cudnn)
+            row = dict(shape=shape, tiles=tiles, warps=warps, stages=stages, cudnn_ms=cudnn)
             try:
                 out, _ = tf.triton_forward(q, k, v, g, scale=d**-0.5, threshold=-math.inf, bits=None, work=None, stats=stats, return_lse=False)
                 row["err"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -78,9 +76,9 @@ def main() -> None:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
             results.append(row)
             if "error" in row:
-                print(f"  flat{flat} {tiles} w{warps} s{stages}: {row['error']}", flush=True)
+                print(f"  {tiles} w{warps} s{stages}: {row['error']}", flush=True)
             else:
-                print(f"  flat{flat} {tiles} w{warps} s{stages}: dense {row['dense_ms']:.3f} ({row['dense_ms'] / cudnn:.3f}x cuDNN, err {row['err']:.1e}) "
+                print(f"  {tiles} w{warps} s{stages}: dense {row['dense_ms']:.3f} ({row['dense_ms'] / cudnn:.3f}x cuDNN, err {row['err']:.1e}) "
                       f"list {row['list_ms'] / row['dense_ms']:.3f}x first {row['first_ms']:.3f} ({row['first_ms'] / row['dense_ms']:.3f}x) half {row['half_ms']:.3f} ({row['half_ms'] / row['dense_ms']:.3f}x)", flush=True)
         del q, k, v, qt, kt, vt, ref
         torch.cuda.empty_cache()

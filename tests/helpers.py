@@ -29,7 +29,7 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def tiled_inputs(batch, seq, heads, dim, block_n, dtype, device, negligible, gap=40.0, seed=0):
+def tiled_inputs(batch, seq, heads, dim, block_n, dtype, device, negligible, gap=40.0, seed=0, seq_q=None):
     """q, k, v whose k-tiles carry a per-(b, h, k-tile) bias on the scores.
 
     Every query has a 1 in its first channel; keys of a tile in `negligible` (bool (B, H, Kt))
@@ -39,7 +39,7 @@ def tiled_inputs(batch, seq, heads, dim, block_n, dtype, device, negligible, gap
     """
     g = torch.Generator().manual_seed(seed)
     scale = dim**-0.5
-    q = 0.3 * torch.randn(batch, seq, heads, dim, generator=g)
+    q = 0.3 * torch.randn(batch, seq if seq_q is None else seq_q, heads, dim, generator=g)
     k = 0.3 * torch.randn(batch, seq, heads, dim, generator=g)
     v = torch.randn(batch, seq, heads, dim, generator=g)
     q[..., 0] = 1.0

@@ -233,6 +233,24 @@ def test_triton_matches_reference_over_steps(dtype):
         assert ref.mask().any() and ref.last_sparsity > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16])
+def test_triton_marks_across_verdict_groups(dtype):
+    """Rows with more than 64 computed tiles: verdicts are reduced in groups of 64 visited tiles."""
+    b, sq, sk, h, d, bm, bn = 1, 40, 16 * 150, 1, 32, 16, 16
+    g = TileGeometry(sq, sk, bm, bn)
+    negligible = torch.rand(b, h, g.k_tiles) < 0.5
+    negligible[..., g.diagonal_tiles()] = False
+    q, k, v = tiled_inputs(b, sk, h, d, bn, dtype, DEVICE, negligible, seq_q=sq)
+    ref = LiteAttention(threshold=-8.0, block_m=bm, block_n=bn, backend="reference")
+    tri = LiteAttention(threshold=-8.0, block_m=bm, block_n=bn, backend="triton")
+    tri(q, k, v)
+    ref(q.cpu(), k.cpu(), v.cpu())
+    expected = negligible[:, :, None, :].expand(b, h, g.q_tiles, g.k_tiles)
+    assert torch.equal(ref.mask(), expected)
+    assert torch.equal(tri.mask().cpu(), expected)
+    assert tri.last_stats == ref.last_stats
+
+
 def test_state_memory_is_bit_packed():
     state = SkipState(1, 40, 75600, 75600, 128, dtype=torch.bfloat16, device="meta")
     g = state.geometry

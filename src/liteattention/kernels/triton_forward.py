@@ -6,8 +6,8 @@ then ascending) as a compact work list; it also counts computed and already-mark
 
 ``_lite_attention_fwd``: one program per row walks its work list with TMA tensor-descriptor loads,
 runs the online softmax in log2 units with the scale folded in, and tests each tile against the
-running row maxima it already holds. The per-row verdicts of 32 consecutive tiles are kept as bits
-in one int32 per row, and reduced across rows once per 32 tiles (a cross-warp reduction per tile
+running row maxima it already holds. The per-row verdicts of 64 consecutive tiles are kept as bits
+in one int64 per row, and reduced across rows once per 64 tiles (a cross-warp reduction per tile
 would cost ~13% at head dim 128); the tiles negligible in every row are OR-ed into the mask, which
 only this program writes for its row.
 """
@@ -24,6 +24,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..state import TileGeometry
 
 LOG2E = math.log2(math.e)
+# Visited tiles whose marking verdicts are reduced across rows together (bits of one int64).
+GROUP: tl.constexpr = tl.constexpr(64)
 # Statistics written by the kernels, one int64 each: tiles computed, tiles marked before the call,
 # tiles newly marked by the call.
 STATS = 3
@@ -66,12 +68,12 @@ def _and(a, b):
 
 @triton.jit
 def _mark_group(row_bits, group_start, count, entries_row, bits_row, Stats):
-    """Mark the tiles at visit positions [group_start, group_start + 32) found negligible in every row."""
+    """Mark the tiles at visit positions [group_start, group_start + GROUP) found negligible in every row."""
     word = tl.reduce(row_bits, 0, _and)
-    lane = tl.arange(0, 32)
+    lane = tl.arange(0, GROUP)
     pos = group_start + lane
     entry = tl.load(entries_row + pos, mask=pos < count, other=-1)
-    hit = (pos < count) & (entry >= 0) & (((word >> lane) & 1) == 1)
+    hit = (pos < count) & (entry >= 0) & (((word >> lane.to(tl.int64)) & 1) == 1)
     tl.atomic_or(bits_row + entry // 32, 1 << (entry % 32), mask=hit)
     tl.atomic_add(Stats + 2, tl.sum(hit.to(tl.int64), 0))
 
@@ -162,12 +164,12 @@ def _lite_attention_fwd(
     else:
         count = k_tiles
     if MARK:
-        # Groups of 32 visited tiles: the verdict bits of a group are reduced across rows once,
+        # Groups of GROUP visited tiles: the verdict bits of a group are reduced across rows once,
         # after its inner loop, so the inner loop stays free of branches and pipelines like the
-        # dense one.
-        for group_start in range(0, count, 32):
-            row_bits = tl.zeros([BLOCK_M], dtype=tl.int32)
-            for idx in range(group_start, tl.minimum(group_start + 32, count)):
+        # dense one (each group pays one pipeline ramp).
+        for group_start in range(0, count, GROUP):
+            row_bits = tl.zeros([BLOCK_M], dtype=tl.int64)
+            for idx in range(group_start, tl.minimum(group_start + GROUP, count)):
                 kt = _tile_at(entries_row, idx, USE_LIST)
                 m_i, l_i, acc, gap = _attend_tile(
                     q, k_desc, v_desc, b, h, kt, m_i, l_i, acc, seq_k, qk_scale, HEAD_DIM, BLOCK_N, EVEN_N, UPCAST_DOT,
@@ -175,7 +177,7 @@ def _lite_attention_fwd(
                 # Bit idx - group_start of each row: this row finds the tile negligible. The first
                 # visited tile has gap = +inf (no running max yet), so it is never marked.
                 negligible = (gap < threshold) | padding_rows
-                row_bits = row_bits | (negligible.to(tl.int32) << (idx - group_start))
+                row_bits = row_bits | (negligible.to(tl.int64) << (idx - group_start))
             _mark_group(row_bits, group_start, count, entries_row, bits_row, Stats)
     else:
         for idx in range(0, count):
@@ -199,16 +201,16 @@ def _lite_attention_fwd(
 
 # (block_m, block_n, head_dim, uses a work list) -> (num_warps, num_stages), from the H200 sweep
 # in docs/performance.md (bench/sweep_configs.py). The work-list loop loads its k-tile index
-# indirectly and pipelines best shallower than the dense loop.
+# through the pipeline too, so it needs two more stages for the same K/V prefetch depth.
 LAUNCH_CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int]] = {
     (128, 64, 128, False): (8, 3),
-    (128, 64, 128, True): (4, 3),
-    (128, 64, 64, False): (8, 3),
-    (128, 64, 64, True): (8, 2),
+    (128, 64, 128, True): (8, 5),
+    (128, 64, 64, False): (4, 5),
+    (128, 64, 64, True): (4, 5),
     (128, 128, 128, False): (8, 3),
-    (128, 128, 128, True): (8, 2),
-    (128, 128, 64, False): (4, 3),
-    (128, 128, 64, True): (4, 3),
+    (128, 128, 128, True): (8, 3),
+    (128, 128, 64, False): (8, 3),
+    (128, 128, 64, True): (4, 5),
 }
 
 
