@@ -1,10 +1,18 @@
-"""The ``liteattention`` command line: demo, bench."""
+"""The ``liteattention`` command line: demo, coherence, bench."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from .experiment import RunConfig
+
+Config = TypeVar("Config")
 
 
 def _floats(text: str) -> list[float]:
@@ -27,7 +35,70 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--patterns", type=_names, default=list(PATTERNS), help=f"comma-separated, from {','.join(PATTERNS)}")
     bench.add_argument("--no-flex", action="store_true", help="skip FlexAttention (saves its compile time)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json and bench.png")
+    _add_demo_parser(sub)
+    _add_coherence_parser(sub)
     return parser
+
+
+def _add_run_options(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
+    """Options shared by the commands that sample one video from the demo model (RunConfig)."""
+    parser.add_argument("--prompt", default=defaults.prompt, help="default: %(default)r")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale, help="default: %(default)s")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="noise seed (default: %(default)s)")
+    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument(
+        "--dtype", default=defaults.dtype, help="auto (bfloat16 on CUDA, float32 elsewhere), float32, float16, bfloat16"
+    )
+    tiles = "16, 32, 64 or 128 (default: %(default)s)"
+    parser.add_argument("--block-m", type=int, default=defaults.block_m, help=f"q-tile rows: {tiles}")
+    parser.add_argument("--block-n", type=int, default=defaults.block_n, help=f"k-tile columns: {tiles}")
+    parser.add_argument(
+        "--weights", type=Path, default=None,
+        help="folder with demo_model.safetensors and config.json (default: the bundled weights)",
+    )
+    parser.add_argument("--out", type=Path, default=defaults.out, help="output folder (default: %(default)s)")
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    from .demo import DemoConfig
+
+    defaults = DemoConfig()
+    demo = sub.add_parser("demo", help="sample a video densely and with LiteAttention on the bundled model; compare")
+    demo.set_defaults(command_parser=demo)
+    _add_run_options(demo, defaults)
+    demo.add_argument(
+        "--threshold", type=float, default=defaults.threshold,
+        help="marking threshold, log2 units (default: %(default)s); write --threshold=-inf for dense",
+    )
+    demo.add_argument(
+        "--warmup-steps", type=int, default=defaults.warmup_steps,
+        help="first steps run with threshold -inf (default: %(default)s)",
+    )
+
+
+def _add_coherence_parser(sub: argparse._SubParsersAction) -> None:
+    from .coherence import CoherenceConfig
+
+    defaults = CoherenceConfig()
+    coherence = sub.add_parser("coherence", help="measure how long negligible attention tiles stay negligible")
+    coherence.set_defaults(command_parser=coherence)
+    _add_run_options(coherence, defaults)
+    coherence.add_argument(
+        "--thresholds", type=_floats, default=list(defaults.thresholds),
+        help="comma-separated, log2 units; write --thresholds=-6,-10 (default: %(default)s)",
+    )
+
+
+def _config(parser: argparse.ArgumentParser, config_type: type[Config], args: argparse.Namespace) -> Config:
+    """``config_type`` from the parsed options of the same names; a bad value is a usage error."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)}
+    if "thresholds" in values:
+        values["thresholds"] = tuple(values["thresholds"])
+    try:
+        return config_type(**values)
+    except ValueError as error:  # the message names the option
+        parser.error(str(error))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -36,6 +107,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         from .bench import run_bench
 
         run_bench(args.shapes, args.sparsities, args.patterns, out=args.out, flex=not args.no_flex)
+    elif args.command in ("demo", "coherence"):
+        _run_sampling_command(args)
+
+
+def _run_sampling_command(args: argparse.Namespace) -> None:
+    if args.command == "demo":
+        from .demo import DemoConfig as config_type
+        from .demo import main as command
+    else:
+        from .coherence import CoherenceConfig as config_type
+        from .coherence import main as command
+    config = _config(args.command_parser, config_type, args)
+    try:
+        command(config)
+    except FileNotFoundError as error:  # no demo model weights
+        sys.exit(f"liteattention {args.command}: {error}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,162 @@
+"""Shared plumbing of the ``demo`` and ``coherence`` commands: their common options, device and
+dtype choice, model loading, a tap on LiteAttention's attention calls, and JSON output."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .attention import TRITON_DTYPES, resolve_backend
+from .integrations.diffusers import LiteAttentionHandle
+from .models import DEMO_PROMPTS, DemoVideoModel, load_demo_model
+from .models.video_data import tokenize
+from .state import check_block_sizes
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# wrapper(run, layer, q, k, v, **kwargs) -> output; ``run(layer, q, k, v, **kwargs)`` is the
+# LiteAttention call the wrapper stands in for.
+AttentionWrapper = Callable[..., torch.Tensor]
+
+
+def check_int(name: str, value: int, minimum: int, maximum: int | None = None) -> None:
+    """Raise a ValueError naming option ``name`` unless ``minimum <= value (<= maximum)``."""
+    high = "" if maximum is None else f" and <= {maximum}"
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if not (is_int and minimum <= value and (maximum is None or value <= maximum)):
+        raise ValueError(f"{name}: expected an integer >= {minimum}{high}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Options shared by the commands that sample one video from the demo model."""
+
+    prompt: str = DEMO_PROMPTS[0]
+    steps: int = 20
+    guidance_scale: float = 5.0
+    seed: int = 0
+    device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'
+    dtype: str = "auto"  # 'auto' (bfloat16 on CUDA, float32 elsewhere) or a key of DTYPES
+    block_m: int = 64
+    block_n: int = 64
+    weights: Path | None = None  # folder with demo_model.safetensors + config.json; None: bundled
+    out: Path = Path("liteattention-out")
+
+    def __post_init__(self) -> None:
+        tokenize([self.prompt])  # raises a ValueError naming the prompt's unknown words
+        check_int("steps", self.steps, 1)
+        check_int("seed", self.seed, 0)
+        if not self.guidance_scale >= 1.0:
+            raise ValueError(f"guidance_scale: expected a float >= 1.0, got {self.guidance_scale!r}")
+        check_block_sizes(self.block_m, self.block_n)
+        resolve_dtype(self.dtype, resolve_device(self.device))
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype, self.torch_device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else the CPU; otherwise 'cpu', 'cuda' or 'cuda:N'."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA (the Triton kernel's input type), float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype: expected 'auto' or one of {', '.join(DTYPES)}, got {name!r}")
+    dtype = DTYPES[name]
+    if device.type == "cuda" and dtype not in TRITON_DTYPES:
+        raise ValueError(f"dtype: the Triton kernel (used on CUDA) takes float16 or bfloat16, got {name}")
+    return dtype
+
+
+def backend_name(device: torch.device) -> str:
+    """The LiteAttention backend that runs on ``device`` (what backend='auto' picks)."""
+    return resolve_backend("auto", torch.empty(0, device=device))
+
+
+@contextmanager
+def single_threaded_on_cpu(device: torch.device) -> Iterator[None]:
+    """On the CPU, run the block with one intra-op thread.
+
+    The reference tile loop issues thousands of tiny ops per call: extra threads only add
+    synchronisation, and make it an order of magnitude slower when another process holds a core.
+    """
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def prepare_model(config: RunConfig, model: DemoVideoModel | None) -> DemoVideoModel:
+    """``model`` (or the demo model from ``config.weights``, default bundled) on the configured
+    device and dtype, in eval mode."""
+    if model is None:
+        return load_demo_model(config.torch_device, config.torch_dtype, folder=config.weights)
+    return model.place(config.torch_device, config.torch_dtype).eval()
+
+
+@contextmanager
+def tap_attention(handle: LiteAttentionHandle, wrapper: AttentionWrapper) -> Iterator[None]:
+    """Route every attention call of ``handle``'s patched layers through ``wrapper``.
+
+    The handle has no public per-call hook, and ``_run(layer, q, k, v, **kwargs)`` is the one
+    method every patched layer's attention call goes through (q, k, v as (B, S, H, D), after the
+    model's projections and RoPE), so it is wrapped on this instance for the ``with`` block.
+    """
+    previous = vars(handle).get("_run")
+    run = handle._run
+    handle._run = lambda *args, **kwargs: wrapper(run, *args, **kwargs)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del handle._run
+        else:
+            handle._run = previous
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with non-finite floats as the strings 'inf', '-inf', 'nan' (JSON has none) and
+    paths as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(data: dict[str, Any], path: Path) -> Path:
+    path.write_text(json.dumps(jsonable(data), indent=2) + "\n")
+    return path
