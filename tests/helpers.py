@@ -13,7 +13,7 @@ def softmax_attention(q, k, v, scale=None, key_mask=None):
     qh, kh, vh = (t.transpose(1, 2).double() for t in (q, k, v))
     s = qh @ kh.transpose(-1, -2) * scale
     if key_mask is not None:
-        s = s.masked_fill(~key_mask, -math.inf)
+        s = s.masked_fill(~key_mask.to(s.device), -math.inf)
     lse = torch.logsumexp(s, -1)
     out = torch.softmax(s, -1) @ vh
     return out.transpose(1, 2), lse

@@ -299,3 +299,24 @@ def test_a_mask_that_is_not_a_shared_padding_tail_runs_dense_with_one_warning() 
 )
 def test_key_padding_mask_analysis(mask: torch.Tensor, valid: int | None) -> None:
     assert _valid_key_prefix(mask, batch=2, heads=2, seq_q=3, seq_k=8) == valid
+
+
+def test_intercept_wraps_every_patched_call_and_nests() -> None:
+    model, inputs = build("wan")
+    reference = forward(model, inputs, TIMESTEPS[0])
+    seen: list[tuple[str, int]] = []
+
+    def tag(name):
+        def wrapper(run, layer, q, k, v, **kwargs):
+            seen.append((name, layer))
+            return run(layer, q, k, v, **kwargs)
+
+        return wrapper
+
+    with apply_lite_attention(model, float("-inf"), block_m=BLOCK, block_n=BLOCK) as handle:
+        with handle.intercept(tag("outer")), handle.intercept(tag("inner")):
+            torch.testing.assert_close(forward(model, inputs, TIMESTEPS[0]), reference)
+        assert seen == [(name, layer) for layer in handle.layers for name in ("inner", "outer")]
+        seen.clear()
+        forward(model, inputs, TIMESTEPS[1])
+        assert seen == [], "an interceptor outlived its with block"

@@ -195,6 +195,24 @@ def summarize(rows: list[BenchRow]) -> list[str]:
     return lines
 
 
+def markdown_table(rows: list[BenchRow], pattern: str = "random") -> str:
+    """One line per shape: times in ms, and each ratio the performance goals are stated in."""
+    lines = [
+        "| shape | cuDNN | flash | Flex | ours dense | dense / cuDNN | first step / dense "
+        "| s=0.5 / dense | s=0.9 / dense | Flex / ours at s=0.5 | Flex / ours at s=0.9 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape in dict.fromkeys(r.shape for r in rows):
+        by = {(r.method, r.pattern, r.target_sparsity): r.ms for r in rows if r.shape == shape}
+        dense = by[("ours-dense", "-", 0.0)]
+        cells = [shape] + [f"{by[(m, '-', 0.0)]:.2f}" for m in ("sdpa-cudnn", "sdpa-flash", "flex-dense", "ours-dense")]
+        cells += [f"{dense / by[('sdpa-cudnn', '-', 0.0)]:.2f}", f"{by[('ours-first', '-', 0.0)] / dense:.2f}"]
+        cells += [f"{by[('ours', pattern, s)] / dense:.2f}" for s in (0.5, 0.9)]
+        cells += [f"{by[('flex', pattern, s)] / by[('ours', pattern, s)]:.2f}" for s in (0.5, 0.9)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[BenchRow], path: Path) -> None:
     import matplotlib
 
@@ -254,6 +272,8 @@ def run_bench(
             out.mkdir(parents=True, exist_ok=True)
             (out / "bench.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": [asdict(r) for r in rows]}, indent=1))
             plot(rows, out / "bench.png")
+            if flex and {0.5, 0.9} <= set(sparsities) and "random" in patterns:
+                (out / "bench.md").write_text(markdown_table(rows) + "\n")
     print("\n".join(summarize(rows)))
     return rows
 

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .attention import check_scale
-from .experiment import RunConfig, prepare_model, single_threaded_on_cpu, tap_attention, write_json
+from .experiment import RunConfig, prepare_model, single_threaded_on_cpu, write_json
 from .integrations import apply_lite_attention
 from .integrations.diffusers import LiteAttentionHandle
 from .models import DemoVideoModel, generate_video
@@ -67,7 +67,7 @@ class CoherenceConfig(RunConfig):
 
 
 class RuleProbe:
-    """Attention-call wrapper (see ``tap_attention``): answers each call with the dense reference
+    """Attention-call wrapper (see ``LiteAttentionHandle.intercept``): answers each call with the dense reference
     output and records, for each threshold, which tiles the marking rule finds negligible.
 
     The wrapped LiteAttention call (``run``) is not made: the reference computes every tile, so
@@ -177,7 +177,7 @@ def collect_negligible(
     handle = apply_lite_attention(model.transformer, -math.inf, block_m=config.block_m, block_n=config.block_n)
     probe = RuleProbe(handle, config.thresholds, config.block_m, config.block_n)
     try:
-        with single_threaded_on_cpu(config.torch_device), tap_attention(handle, probe):
+        with single_threaded_on_cpu(config.torch_device), handle.intercept(probe):
             generate_video(
                 model,
                 config.prompt,

@@ -32,7 +32,6 @@ from .experiment import (
     check_int,
     prepare_model,
     single_threaded_on_cpu,
-    tap_attention,
     write_json,
 )
 from .integrations import apply_lite_attention
@@ -137,7 +136,7 @@ class DemoResult:
 
 
 class AttentionTimer:
-    """An attention-call wrapper (see ``tap_attention``) summing the time spent inside the calls.
+    """An attention-call wrapper (see ``LiteAttentionHandle.intercept``) summing the time spent inside the calls.
 
     CUDA events on the GPU, so no call waits for the GPU; ``time.perf_counter`` on the CPU, where
     the calls are synchronous.
@@ -186,7 +185,7 @@ def _sample(
         masks.append({layer: mask.cpu() for layer, mask in handle.masks(COND).items()})
 
     try:
-        with single_threaded_on_cpu(config.torch_device), tap_attention(handle, timer):
+        with single_threaded_on_cpu(config.torch_device), handle.intercept(timer):
             video = generate_video(
                 model,
                 config.prompt,

@@ -1,11 +1,11 @@
 """Shared plumbing of the ``demo`` and ``coherence`` commands: their common options, device and
-dtype choice, model loading, a tap on LiteAttention's attention calls, and JSON output."""
+dtype choice, model loading, and JSON output."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +14,11 @@ from typing import Any
 import torch
 
 from .attention import TRITON_DTYPES, resolve_backend
-from .integrations.diffusers import LiteAttentionHandle
 from .models import DEMO_PROMPTS, DemoVideoModel, load_demo_model
 from .models.video_data import tokenize
 from .state import check_block_sizes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-# wrapper(run, layer, q, k, v, **kwargs) -> output; ``run(layer, q, k, v, **kwargs)`` is the
-# LiteAttention call the wrapper stands in for.
-AttentionWrapper = Callable[..., torch.Tensor]
 
 
 def check_int(name: str, value: int, minimum: int, maximum: int | None = None) -> None:
@@ -121,26 +116,6 @@ def prepare_model(config: RunConfig, model: DemoVideoModel | None) -> DemoVideoM
     if model is None:
         return load_demo_model(config.torch_device, config.torch_dtype, folder=config.weights)
     return model.place(config.torch_device, config.torch_dtype).eval()
-
-
-@contextmanager
-def tap_attention(handle: LiteAttentionHandle, wrapper: AttentionWrapper) -> Iterator[None]:
-    """Route every attention call of ``handle``'s patched layers through ``wrapper``.
-
-    The handle has no public per-call hook, and ``_run(layer, q, k, v, **kwargs)`` is the one
-    method every patched layer's attention call goes through (q, k, v as (B, S, H, D), after the
-    model's projections and RoPE), so it is wrapped on this instance for the ``with`` block.
-    """
-    previous = vars(handle).get("_run")
-    run = handle._run
-    handle._run = lambda *args, **kwargs: wrapper(run, *args, **kwargs)
-    try:
-        yield
-    finally:
-        if previous is None:
-            del handle._run
-        else:
-            handle._run = previous
 
 
 def jsonable(value: Any) -> Any:

@@ -69,6 +69,9 @@ from ..schedule import ThresholdLike
 
 __all__ = ["LiteAttentionHandle", "LiteAttentionProcessor", "apply_lite_attention"]
 
+AttentionWrapper = Callable[..., torch.Tensor]
+"""``wrapper(run, layer, q, k, v, **kwargs) -> output`` (see ``LiteAttentionHandle.intercept``)."""
+
 LayerSelection = Iterable[int] | Mapping[int, ThresholdLike] | Callable[[int], ThresholdLike | None]
 """Which self-attention layers to patch, optionally with a threshold each (see ``apply_lite_attention``)."""
 
@@ -381,6 +384,7 @@ class LiteAttentionHandle:
         self._clear()  # builds branch 0, which validates the thresholds and tile sizes
         self._enabled = True
         self._warned: set[str] = set()
+        self._interceptors: list[AttentionWrapper] = []
         self._installed: list[tuple[torch.nn.Module, LiteAttentionProcessor]] = []
         for layer in self.layers:
             module = modules[layer][1]
@@ -469,7 +473,25 @@ class LiteAttentionHandle:
         while len(self._ops) <= self._clock.branch:
             self._ops.append(self._new_ops())
 
+    @contextmanager
+    def intercept(self, wrapper: AttentionWrapper) -> Iterator[None]:
+        """Route every patched layer's attention call through ``wrapper(run, layer, q, k, v, **kwargs)``
+        inside the ``with`` block; ``run`` (same arguments) is the LiteAttention call it stands in for.
+        q, k, v are (B, S, H, D), after the model's projections and RoPE. For timing and probing;
+        interceptors nest, the latest outermost."""
+        self._interceptors.append(wrapper)
+        try:
+            yield
+        finally:
+            self._interceptors.remove(wrapper)
+
     def _run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        run: Callable[..., torch.Tensor] = self._run_lite
+        for wrapper in self._interceptors:
+            run = functools.partial(wrapper, run)
+        return run(layer, q, k, v, **kwargs)
+
+    def _run_lite(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         branch, step = self._clock.branch, self._clock.step
         out = self._ops[branch][layer](q, k, v, step=step, **kwargs)
         self._steps.setdefault((branch, layer), []).append(step)
