@@ -37,7 +37,7 @@ from .attention import check_scale
 from .experiment import RunConfig, prepare_model, single_threaded_on_cpu, write_json
 from .integrations import apply_lite_attention
 from .integrations.diffusers import LiteAttentionHandle
-from .models import DemoVideoModel, generate_video
+from .models import DemoVideoModel
 from .plan import RangesLike, build_plan, normalize_ranges
 from .reference import reference_forward
 from .schedule import check_threshold
@@ -178,14 +178,7 @@ def collect_negligible(
     probe = RuleProbe(handle, config.thresholds, config.block_m, config.block_n)
     try:
         with single_threaded_on_cpu(config.torch_device), handle.intercept(probe):
-            generate_video(
-                model,
-                config.prompt,
-                num_steps=config.steps,
-                guidance_scale=config.guidance_scale,
-                seed=config.seed,
-                progress=progress,
-            )
+            config.sample(model, progress=progress)
     finally:
         handle.remove()
     return probe.negligible(config.steps)

@@ -35,7 +35,7 @@ from .experiment import (
     write_json,
 )
 from .integrations import apply_lite_attention
-from .models import DemoVideoModel, generate_video
+from .models import DemoVideoModel
 from .schedule import check_threshold
 from .state import pack_bits
 
@@ -186,15 +186,7 @@ def _sample(
 
     try:
         with single_threaded_on_cpu(config.torch_device), handle.intercept(timer):
-            video = generate_video(
-                model,
-                config.prompt,
-                num_steps=config.steps,
-                guidance_scale=config.guidance_scale,
-                seed=config.seed,
-                progress=progress,
-                step_callback=keep_masks,
-            )
+            video = config.sample(model, progress=progress, step_callback=keep_masks)
         stats = handle.stats()
     finally:
         handle.remove()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .attention import TRITON_DTYPES, resolve_backend
-from .models import DEMO_PROMPTS, DemoVideoModel, load_demo_model
+from .models import DEMO_PROMPTS, DemoVideoModel, GeneratedVideo, generate_video, load_demo_model
 from .models.video_data import tokenize
 from .state import check_block_sizes
 
@@ -60,6 +60,14 @@ class RunConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return resolve_dtype(self.dtype, self.torch_device)
+
+    def sample(self, model: DemoVideoModel, *, progress: bool, **kwargs: Any) -> GeneratedVideo:
+        """The video these options describe (prompt, steps, guidance, seed); ``kwargs`` go to
+        ``generate_video``."""
+        return generate_video(
+            model, self.prompt, num_steps=self.steps, guidance_scale=self.guidance_scale,
+            seed=self.seed, progress=progress, **kwargs,
+        )
 
 
 def resolve_device(name: str) -> torch.device:

@@ -151,7 +151,7 @@ class SkipState:
         """Statistics of every call since the last reset, oldest first (reading them waits for
         the GPU work that produced them)."""
         if self._pending:
-            values = torch.stack([p[2].to(torch.int64).cpu() for p in self._pending]).tolist()
+            values = torch.stack([p[2].to(torch.int64) for p in self._pending]).tolist()  # one device sync
             for (step, threshold, _), (computed, before, newly) in zip(self._pending, values):
                 self._history.append(CallStats(step, threshold, self.total_tiles, computed, newly, before + newly))
             self._pending.clear()

@@ -91,21 +91,18 @@ def generate_video(
         start = time.perf_counter()
         latent_model_input = latents.to(dtype)
         timestep = t.expand(latents.shape[0])
-        with transformer.cache_context("cond"):
-            noise_pred = transformer(
-                hidden_states=latent_model_input,
-                timestep=timestep,
-                encoder_hidden_states=prompt_embeds,
-                return_dict=False,
-            )[0]
-        with transformer.cache_context("uncond"):
-            noise_uncond = transformer(
-                hidden_states=latent_model_input,
-                timestep=timestep,
-                encoder_hidden_states=negative_prompt_embeds,
-                return_dict=False,
-            )[0]
-        noise_pred, noise_uncond = noise_pred.float(), noise_uncond.float()
+        predictions = []
+        for branch, embeds in (("cond", prompt_embeds), ("uncond", negative_prompt_embeds)):
+            with transformer.cache_context(branch):
+                predictions.append(
+                    transformer(
+                        hidden_states=latent_model_input,
+                        timestep=timestep,
+                        encoder_hidden_states=embeds,
+                        return_dict=False,
+                    )[0].float()
+                )
+        noise_pred, noise_uncond = predictions
         noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
         if step_callback is not None:
