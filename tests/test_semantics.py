@@ -53,6 +53,7 @@ DENSE_SHAPES = [
     (1, 1000, 1000, 1, 64),
     (2, 100, 257, 1, 32),   # Sq != Sk
     (1, 257, 70, 2, 96),    # Sq != Sk, head dim padded to 128 in the kernel
+    (1, 70, 70, 1, 256),    # 64 x 64 tiles by default at this head dim
 ]
 if FULL:
     DENSE_SHAPES += [(1, 5000, 5000, 4, 128), (1, 32760, 32760, 2, 128), (1, 5000, 5000, 4, 64), (2, 32760, 32760, 1, 64)]
