@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .attention import check_scale
-from .experiment import RunConfig, prepare_model, single_threaded_on_cpu, write_json
+from .experiment import RunConfig, prepare_model, write_json
 from .integrations import apply_lite_attention
 from .integrations.diffusers import LiteAttentionHandle
 from .models import DemoVideoModel
@@ -177,7 +177,7 @@ def collect_negligible(
     handle = apply_lite_attention(model.transformer, -math.inf, block_m=config.block_m, block_n=config.block_n)
     probe = RuleProbe(handle, config.thresholds, config.block_m, config.block_n)
     try:
-        with single_threaded_on_cpu(config.torch_device), handle.intercept(probe):
+        with handle.intercept(probe):
             config.sample(model, progress=progress)
     finally:
         handle.remove()

@@ -31,7 +31,6 @@ from .experiment import (
     backend_name,
     check_int,
     prepare_model,
-    single_threaded_on_cpu,
     write_json,
 )
 from .integrations import apply_lite_attention
@@ -117,15 +116,6 @@ class DemoResult:
         """Skipped-tile fraction per step, averaged over layers."""
         return np.mean(list(self.sparsity[branch].values()), axis=0).tolist()
 
-    def skipped_by_every_head(self) -> list[float]:
-        """Conditional branch: fraction of tiles that every head skips, per step. The reference
-        backend batches heads, so these are the only tiles its loop leaves out."""
-        # The mask after step t is what step t + 1 skips.
-        return [0.0] + [
-            float(np.mean([mask.flatten(0, 1).all(0).float().mean().item() for mask in masks.values()]))
-            for masks in self.masks[:-1]
-        ]
-
     @property
     def timing_method(self) -> str:
         return "CUDA events" if self.device.startswith("cuda") else "time.perf_counter"
@@ -185,7 +175,7 @@ def _sample(
         masks.append({layer: mask.cpu() for layer, mask in handle.masks(COND).items()})
 
     try:
-        with single_threaded_on_cpu(config.torch_device), handle.intercept(timer):
+        with handle.intercept(timer):
             video = config.sample(model, progress=progress, step_callback=keep_masks)
         stats = handle.stats()
     finally:
@@ -358,7 +348,6 @@ def summary(result: DemoResult) -> dict[str, Any]:
         "dense": result.dense.timings(),
         "lite": result.lite.timings(),
         "attention_speedup": result.dense.attention_seconds / result.lite.attention_seconds,
-        "skipped_by_every_head_per_step": {"cond": result.skipped_by_every_head()},
         "total_speedup": result.dense.total_seconds / result.lite.total_seconds,
         "psnr_db": result.psnr,
         "ssim": result.ssim,
@@ -420,12 +409,6 @@ def format_report(result: DemoResult, files: dict[str, Path]) -> str:
                      result.lite.attention_seconds),
         _seconds_row("total sampling", result.dense.total_seconds, result.lite.total_seconds),
     ]
-    if result.backend == "reference":
-        every_head = 100 * np.mean(result.skipped_by_every_head())
-        lines += [
-            "  The reference backend batches heads: it leaves out only tiles that every head skips",
-            f"  ({every_head:.1f}% here, cond) and marking adds work, so its time does not follow the sparsity.",
-        ]
     per_layer = ", ".join(f"L{layer} {_bytes(count)}" for layer, count in result.state_bytes.items())
     lines += [
         "",

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,22 +98,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def backend_name(device: torch.device) -> str:
     """The LiteAttention backend that runs on ``device`` (what backend='auto' picks)."""
     return resolve_backend("auto", torch.empty(0, device=device))
-
-
-@contextmanager
-def single_threaded_on_cpu(device: torch.device) -> Iterator[None]:
-    """On the CPU, run the block with one intra-op thread.
-
-    The reference tile loop issues thousands of tiny ops per call: extra threads only add
-    synchronisation, and make it an order of magnitude slower when another process holds a core.
-    """
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def prepare_model(config: RunConfig, model: DemoVideoModel | None) -> DemoVideoModel:
