@@ -20,3 +20,13 @@ FULL = os.environ.get("LITEATTENTION_FULL") == "1"
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: the tiny models' reference calls are many small ops, which extra
+    threads only slow down (by an order of magnitude when the other core is busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

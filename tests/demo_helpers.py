@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from liteattention.models import DemoModelConfig, DemoVideoModel, build_demo_model
@@ -20,19 +19,7 @@ TINY = DemoModelConfig(
 )
 BLOCK = 16
 STEPS = 3
-SHARPEN = (
-    6.0  # scales q and k: a random model's attention is too flat for any tile to be negligible
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The reference tile loop runs thousands of tiny ops: intra-op threads only add synchronisation,
-    # which slows it down by an order of magnitude or more when the cores are busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+SHARPEN = 6.0  # scales q and k: a random model's attention is too flat for any tile to be negligible
 
 
 def sharp_tiny_model() -> DemoVideoModel:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from demo_helpers import BLOCK, STEPS, one_thread, sharp_tiny_model  # noqa: F401 (one_thread: autouse)
+from demo_helpers import BLOCK, STEPS, sharp_tiny_model
 
 from liteattention.coherence import (
     CoherenceConfig,
@@ -22,6 +22,8 @@ from liteattention.integrations import apply_lite_attention
 from liteattention.models import generate_video
 
 THRESHOLDS = (-4.0, 0.0)  # both mark some tiles of the sharpened tiny model, neither marks all
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tmp_path, **overrides) -> CoherenceConfig:

@@ -7,11 +7,13 @@ import math
 
 import pytest
 import torch
-from demo_helpers import BLOCK, STEPS, one_thread, sharp_tiny_model  # noqa: F401 (one_thread: autouse)
+from demo_helpers import BLOCK, STEPS, sharp_tiny_model
 
 from liteattention.cli import main as cli_main
 from liteattention.demo import DemoConfig, format_report, run_demo, write_outputs
 from liteattention.models import DemoVideoModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

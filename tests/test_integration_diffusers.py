@@ -26,14 +26,7 @@ HUNYUAN_VALID_TEXT = 11  # the rest is padding, masked; the 128 + 11 valid keys 
 TIMESTEPS = (999.0, 800.0, 600.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The reference tile loop runs thousands of tiny ops: intra-op threads only add synchronisation,
-    # which slows it down by one to two orders of magnitude when the cores are busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randn(*shape: int, seed: int) -> torch.Tensor:
