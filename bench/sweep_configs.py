@@ -80,7 +80,6 @@ def main() -> None:
             else:
                 print(f"  {tiles} w{warps} s{stages}: dense {row['dense_ms']:.3f} ({row['dense_ms'] / cudnn:.3f}x cuDNN, err {row['err']:.1e}) "
                       f"list {row['list_ms'] / row['dense_ms']:.3f}x first {row['first_ms']:.3f} ({row['first_ms'] / row['dense_ms']:.3f}x) half {row['half_ms']:.3f} ({row['half_ms'] / row['dense_ms']:.3f}x)", flush=True)
-        del q, k, v, qt, kt, vt, ref
         torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
