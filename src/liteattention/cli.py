@@ -60,13 +60,19 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: RunConfig) -> No
     parser.add_argument("--out", type=Path, default=defaults.out, help="output folder (default: %(default)s)")
 
 
+def _add_sampling_parser(sub: argparse._SubParsersAction, name: str, help: str, defaults: RunConfig) -> argparse.ArgumentParser:
+    """A subcommand that samples one video from the demo model, with the shared RunConfig options."""
+    parser = sub.add_parser(name, help=help)
+    parser.set_defaults(command_parser=parser)
+    _add_run_options(parser, defaults)
+    return parser
+
+
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     from .demo import DemoConfig
 
     defaults = DemoConfig()
-    demo = sub.add_parser("demo", help="sample a video densely and with LiteAttention on the bundled model; compare")
-    demo.set_defaults(command_parser=demo)
-    _add_run_options(demo, defaults)
+    demo = _add_sampling_parser(sub, "demo", "sample a video densely and with LiteAttention on the bundled model; compare", defaults)
     demo.add_argument(
         "--threshold", type=float, default=defaults.threshold,
         help="marking threshold, log2 units (default: %(default)s); write --threshold=-inf for dense",
@@ -81,9 +87,7 @@ def _add_coherence_parser(sub: argparse._SubParsersAction) -> None:
     from .coherence import CoherenceConfig
 
     defaults = CoherenceConfig()
-    coherence = sub.add_parser("coherence", help="measure how long negligible attention tiles stay negligible")
-    coherence.set_defaults(command_parser=coherence)
-    _add_run_options(coherence, defaults)
+    coherence = _add_sampling_parser(sub, "coherence", "measure how long negligible attention tiles stay negligible", defaults)
     coherence.add_argument(
         "--thresholds", type=_floats, default=list(defaults.thresholds),
         help="comma-separated, log2 units; write --thresholds=-6,-10 (default: %(default)s)",

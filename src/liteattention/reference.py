@@ -58,15 +58,16 @@ def reference_forward(
     acc = torch.zeros(*rows, g.block_m, head_dim, dtype=work_dtype, device=device)
     marked = torch.zeros(*rows, g.k_tiles, dtype=torch.bool, device=device) if mark else None
     scale_log2 = scale * LOG2E  # scores in log2 units, as the online softmax uses them
-    order = plan.order.to(device)  # (Qt, Kt)
 
+    if plan.computed is None:  # dense: every row computes its p-th tile, at every p
+        every_row = torch.ones(rows, dtype=torch.bool, device=device).nonzero(as_tuple=True)
     for p in range(g.k_tiles):
-        kt = order[:, p]  # the k-tile each q-tile visits at position p
+        kt = plan.order[:, p]  # the k-tile each q-tile visits at position p
         if plan.computed is None:
-            computed = torch.ones(rows, dtype=torch.bool, device=device)
-        else:
+            b, h, i = every_row
+        else:  # the rows computing their p-th tile
             computed = plan.computed.gather(-1, kt.view(1, 1, -1, 1).expand(*rows, 1)).squeeze(-1)
-        b, h, i = computed.nonzero(as_tuple=True)  # the rows computing their p-th tile
+            b, h, i = computed.nonzero(as_tuple=True)
         if b.numel() == 0:
             continue
         j = kt[i]
