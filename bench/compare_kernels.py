@@ -1,0 +1,109 @@
+"""The Gluon (sm_90) kernel against the portable Triton kernel and cuDNN, side by side on one GPU.
+
+For each shape: dense mode, a first step (marking on, nothing skipped yet) and random skipping at
+50% and 90%, for both kernels, with the Gluon K/V ring depth swept; outputs are cross-checked
+(values against cuDNN, marks and statistics between the kernels) before anything is timed.
+Usage: PYTHONPATH=src python bench/compare_kernels.py [--shapes 1,40,32760,128;1,32,16384,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from liteattention.bench import make_mask
+from liteattention.kernels import gluon_forward as gf
+from liteattention.kernels import triton_forward as tf
+from liteattention.plan import range_words
+from liteattention.state import TileGeometry, pack_bits
+
+
+def bench(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=20, rep=100, return_mode="median"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="1,40,32760,128;1,32,16384,64")
+    parser.add_argument("--tiles", default="128x64,128x128")
+    parser.add_argument("--threshold", type=float, default=-10.0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    results = []
+    for shape in args.shapes.split(";"):
+        b, h, s, d = map(int, shape.split(","))
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            ref = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+            cudnn = bench(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+        row = {"shape": shape, "cudnn": cudnn}
+        print(f"shape {shape}: cuDNN {cudnn:.3f} ms", flush=True)
+        scale = d**-0.5
+        for tiles in args.tiles.split(","):
+            bm, bn = map(int, tiles.split("x"))
+            g = TileGeometry(s, s, bm, bn)
+            do_words, skip_words = range_words(g, (), (), q.device)
+            stats = torch.zeros(3, dtype=torch.int64, device="cuda")
+
+            def run(forward, bits, threshold, use_list=True, **kw):
+                work = tf.plan_work(bits, do_words, skip_words, g, stats) if use_list else None
+                return forward(q, k, v, g, scale=scale, threshold=threshold, bits=bits if use_list else None,
+                               work=work, stats=stats, return_lse=False, **kw)[0]
+
+            zero = torch.zeros(b, h, g.q_tiles, g.words, dtype=torch.int32, device="cuda")
+            # Correctness first: dense values, and the marks and statistics of a first step.
+            for name, forward in (("triton", tf.triton_forward), ("gluon", gf.gluon_forward)):
+                out = run(forward, None, float("-inf"), use_list=False)
+                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                row[f"{tiles}/{name}/dense_err"] = err
+                print(f"  {tiles} {name} dense rel err vs cuDNN {err:.2e}", flush=True)
+            marks = {}
+            for name, forward in (("triton", tf.triton_forward), ("gluon", gf.gluon_forward)):
+                bits = zero.clone()
+                stats.zero_()
+                run(forward, bits, args.threshold)
+                marks[name] = (bits, stats.clone())
+            same_bits = torch.equal(marks["triton"][0], marks["gluon"][0])
+            diff = (marks["triton"][0] ^ marks["gluon"][0]).ne(0).sum().item()
+            print(f"  {tiles} first-step marks identical: {same_bits} (differing words {diff}); stats triton "
+                  f"{marks['triton'][1].tolist()} gluon {marks['gluon'][1].tolist()}", flush=True)
+            row[f"{tiles}/marks_identical"] = same_bits
+            for sparsity in (0.5, 0.9):
+                mask = pack_bits(make_mask("random", sparsity, g, b, h, q.device))
+                outs = [run(fw, mask.clone(), float("-inf")) for fw in (tf.triton_forward, gf.gluon_forward)]
+                err = ((outs[0].float() - outs[1].float()).norm() / outs[0].float().norm()).item()
+                print(f"  {tiles} s={sparsity} gluon vs triton rel err {err:.2e}", flush=True)
+
+            # Timing.
+            for name, forward, variants in (
+                ("triton", tf.triton_forward, [{}]),
+                ("gluon", gf.gluon_forward, [{"stages": st} for st in (2, 3, 4) if st <= gf.stages_for(bn, d)]),
+            ):
+                for kw in variants:
+                    tag = f"{tiles}/{name}" + "".join(f"/{key}{val}" for key, val in kw.items())
+                    dense = bench(lambda: run(forward, None, float("-inf"), use_list=False, **kw))
+                    bits = zero.clone()
+                    first = bench(lambda: run(forward, bits.zero_(), args.threshold, **kw))
+                    line = f"  {tag:<28} dense {dense:8.3f} ms ({dense / cudnn:.3f}x cuDNN)  first {first:8.3f} ({first / dense:.3f}x dense)"
+                    row[f"{tag}/dense"], row[f"{tag}/first"] = dense, first
+                    for sparsity in (0.5, 0.9):
+                        mask = pack_bits(make_mask("random", sparsity, g, b, h, q.device))
+                        t = bench(lambda: run(forward, bits.copy_(mask), args.threshold, **kw))
+                        row[f"{tag}/s{sparsity}"] = t
+                        line += f"  s={sparsity} {t:7.3f} ({t / dense:.3f})"
+                    print(line, flush=True)
+        results.append(row)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""Hopper (sm_90) attention forward in Gluon: warp-specialised, with in-kernel marking.
+
+Same contract as ``_lite_attention_fwd`` in triton_forward.py (same work list, mask, statistics),
+scheduled the way FlashAttention-3 schedules Hopper, which Triton's own pipeliner does not:
+
+- one producer warp issues every TMA load (Q once, then K and V of each listed tile into a ring of
+  STAGES buffers), so the compute warps never wait on address math or copies;
+- two consumer warpgroups each own 64 rows of the 128-row q-tile and share the K/V ring;
+- inside a consumer, the QK^T of tile i and the PV of tile i-1 are issued back to back as
+  asynchronous wgmma, and the softmax of tile i runs while PV of tile i-1 is still on the tensor
+  cores.
+
+Marking needs every row of the q-tile, but the rows are split over two warpgroups: each consumer
+reduces its rows' verdict bits once per GROUP tiles and votes for the tiles it finds negligible by
+setting a flag bit in their work-list entry with an atomic OR; the consumer that finds the flag
+already set is the second vote and marks the tile.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ..state import TileGeometry
+from .triton_forward import LOG2E
+
+# Rows of the q-tile per consumer warpgroup (one wgmma M extent); the q-tile has two halves.
+HALF_M: gl.constexpr = gl.constexpr(64)
+# Visited tiles whose verdict bits are reduced together (bits of one int64 per row).
+GROUP: gl.constexpr = gl.constexpr(64)
+# Work-list entries are < 2**30 (k-tile indices); bit 30 records a consumer's vote to mark.
+VOTE: gl.constexpr = gl.constexpr(1 << 30)
+# Shared memory per block on sm_90, minus headroom for the barriers.
+SMEM_BYTES = 227 * 1024 - 1024
+
+
+@gluon.jit
+def _and(a, b):
+    return a & b
+
+
+@gluon.jit
+def _load_partition(
+    q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
+    entries_row, count, b, h, q_row0, seq_q, seq_k, USE_LIST: gl.constexpr,
+):
+    """The producer warp: Q's two halves once, then K and V of each listed tile into the ring."""
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    STAGES: gl.constexpr = k_bufs.type.shape[0]
+    for half in gl.static_range(2):
+        # With nothing to compute (count 0) no consumer would wait for Q: leave no copy in flight.
+        mbarrier.expect(q_bars.index(half), q_desc.block_type.nbytes, pred=count > 0)
+        tma.async_copy_global_to_shared(
+            q_desc, [b * seq_q + q_row0 + half * HALF_M, h * HEAD_DIM], q_bars.index(half), q_smem.index(half),
+            pred=count > 0,
+        )
+    for i in range(count):
+        stage = i % STAGES
+        if USE_LIST:
+            entry = gl.load(entries_row + i)
+            kt = gl.where(entry >= 0, entry, -entry - 1)
+        else:
+            kt = i
+        # Wait until both consumers released the buffers' previous tile (the first round passes).
+        mbarrier.wait(kv_empty.index(stage), ((i // STAGES) & 1) ^ 1)
+        row = b * seq_k + kt * BLOCK_N
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, h * HEAD_DIM], k_ready.index(stage), k_bufs.index(stage))
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, h * HEAD_DIM], v_ready.index(stage), v_bufs.index(stage))
+
+
+@gluon.jit
+def _scores(s, entries_row, i, seq_k, qk_scale, USE_LIST: gl.constexpr, EVEN_N: gl.constexpr):
+    """Scores of the i-th visited tile in log2 units; keys past seq_k (another batch element's or
+    zero fill) get -inf."""
+    if EVEN_N:
+        return s * qk_scale
+    else:
+        BLOCK_N: gl.constexpr = s.type.shape[1]
+        if USE_LIST:
+            entry = gl.load(entries_row + i)
+            kt = gl.where(entry >= 0, entry, -entry - 1) & (VOTE - 1)
+        else:
+            kt = i
+        offs_n = kt * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
+        return s * qk_scale + gl.where(offs_n < seq_k, 0.0, float("-inf"))[None, :]
+
+
+@gluon.jit
+def _vote(row_bits, group_start, count, entries_row, bits_row, Stats):
+    """Vote for the tiles at visit positions [group_start, group_start + GROUP) that all of this
+    consumer's rows found negligible; the second vote on a tile marks it."""
+    word = gl.reduce(row_bits, 0, _and)
+    vote_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    lane = gl.arange(0, GROUP, layout=vote_layout)
+    pos = group_start + lane
+    inside = pos < count
+    entry = gl.load(entries_row + pos, mask=inside, other=-1)
+    hit = inside & (entry >= 0) & (((word >> lane.to(gl.int64)) & 1) == 1)
+    before = gl.atomic_or(entries_row + pos, gl.full([GROUP], VOTE, gl.int32, vote_layout), mask=hit)
+    second = hit & ((before & VOTE) != 0)
+    kt = entry & (VOTE - 1)
+    gl.atomic_or(bits_row + kt // 32, 1 << (kt % 32), mask=second)
+    gl.atomic_add(Stats + 2, gl.sum(second.to(gl.int64), 0))
+
+
+@gluon.jit
+def _online_softmax(s, m_i, l_i):
+    tile_max = gl.max(s, 1)
+    m_new = gl.maximum(m_i, tile_max)
+    p = gl.exp2(s - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, m_new, l_i, alpha, tile_max - m_i
+
+
+@gluon.jit
+def _consumer_partition(
+    half: gl.constexpr, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
+    Out, Lse, entries_row, bits_row, Stats, count, b, h, pid_bh, q_row0,
+    seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
+    USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr,
+):
+    """One warpgroup: rows [half * 64, half * 64 + 64) of the q-tile over every listed tile."""
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    BLOCK_N: gl.constexpr = k_bufs.type.shape[1]
+    STAGES: gl.constexpr = k_bufs.type.shape[0]
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    first_row = q_row0 + half * HALF_M
+    padding_rows = first_row + gl.arange(0, HALF_M, layout=rows) >= seq_q  # never veto a mark
+    q = q_smem.index(half)
+    zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
+    m_i = gl.full([HALF_M], float("-inf"), gl.float32, rows)
+    l_i = gl.zeros([HALF_M], gl.float32, rows)
+    acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
+
+    if count > 0:
+        mbarrier.wait(q_bars.index(half), 0)
+        # Tile 0 alone: nothing to overlap its softmax with yet. Its gap is +inf (no running max),
+        # so only padding rows find it negligible and it is never marked.
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, entries_row, 0, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        row_bits = padding_rows.to(gl.int64)
+        for i in range(1, count):
+            stage = i % STAGES
+            prev = (i - 1) % STAGES
+            mbarrier.wait(k_ready.index(stage), (i // STAGES) & 1)
+            s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+            # wgmma groups retire in order: one outstanding means QK^T of tile i is done.
+            s = warpgroup_mma_wait(1, deps=(s,))
+            p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, entries_row, i, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i)
+            if MARK:
+                negligible = (gap < threshold) | padding_rows
+                row_bits = row_bits | (negligible.to(gl.int64) << (i % GROUP))
+            acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+            # Every warp of this warpgroup is past its wgmma before the buffers are handed back.
+            gl.thread_barrier()
+            mbarrier.arrive(kv_empty.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            if MARK:
+                if i % GROUP == GROUP - 1:
+                    _vote(row_bits, i - (GROUP - 1), count, entries_row, bits_row, Stats)
+                    row_bits = gl.zeros([HALF_M], gl.int64, rows)
+        last = (count - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((count - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+        if MARK:
+            if (count - 1) % GROUP != GROUP - 1:
+                _vote(row_bits, count - 1 - (count - 1) % GROUP, count, entries_row, bits_row, Stats)
+
+    out = acc / gl.convert_layout(l_i, o_rows)[:, None]
+    offs_m = first_row + gl.arange(0, HALF_M, layout=o_rows)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    # A masked store, not TMA: rows past seq_q would land in the next batch element.
+    gl.store(
+        Out + b.to(gl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+        out.to(dtype),
+        mask=(offs_m < seq_q)[:, None],
+    )
+    if WRITE_LSE:
+        lse_rows = first_row + gl.arange(0, HALF_M, layout=rows)
+        lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
+        gl.store(Lse + pid_bh.to(gl.int64) * seq_q + lse_rows, lse, mask=lse_rows < seq_q)
+
+
+@gluon.jit
+def _gluon_attention_fwd(
+    q_desc, k_desc, v_desc, Out, Lse, Bits, Entries, Counts, Stats,
+    stride_ob, stride_os, stride_oh,
+    heads, seq_q, seq_k, k_tiles, words,
+    qk_scale, threshold,
+    STAGES: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr,
+    EVEN_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+):
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // heads
+    h = pid_bh % heads
+    row = pid_bh.to(gl.int64) * gl.num_programs(0) + pid_m  # (b, h, q-tile) row of the tile grid
+    q_row0 = pid_m * (2 * HALF_M)
+    entries_row = Entries + row * k_tiles
+    bits_row = Bits + row * words
+    if USE_LIST:
+        count = gl.load(Counts + row)
+    else:
+        count = k_tiles
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for half in gl.static_range(2):
+        mbarrier.init(q_bars.index(half), count=1)
+    for stage in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(stage), count=1)
+        mbarrier.init(v_ready.index(stage), count=1)
+        mbarrier.init(kv_empty.index(stage), count=2)  # one arrival per consumer
+    fence_async_shared()
+
+    gl.warp_specialize(
+        [
+            (_consumer_partition, (
+                0, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
+                Out, Lse, entries_row, bits_row, Stats, count, b, h, pid_bh, q_row0,
+                seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
+                USE_LIST, MARK, WRITE_LSE, EVEN_N,
+            )),
+            (_consumer_partition, (
+                1, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
+                Out, Lse, entries_row, bits_row, Stats, count, b, h, pid_bh, q_row0,
+                seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
+                USE_LIST, MARK, WRITE_LSE, EVEN_N,
+            )),
+            (_load_partition, (
+                q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
+                entries_row, count, b, h, q_row0, seq_q, seq_k, USE_LIST,
+            )),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, 24],
+    )
+
+
+def stages_for(block_n: int, head_dim: int, itemsize: int = 2) -> int:
+    """Deepest K/V ring (at most 4) that fits next to Q's two halves in shared memory."""
+    q_bytes = 2 * HALF_M.value * head_dim * itemsize
+    stage_bytes = 2 * block_n * head_dim * itemsize
+    return max(0, min(4, (SMEM_BYTES - q_bytes) // stage_bytes))
+
+
+def gluon_supported(q: torch.Tensor, geometry: TileGeometry) -> bool:
+    """Whether the Gluon kernel runs this call: sm_90, 128-row q-tiles, a K/V ring of two or more.
+    LITEATTENTION_GLUON=0 in the environment keeps every call on the portable Triton kernel."""
+    return (
+        os.environ.get("LITEATTENTION_GLUON", "1") != "0"
+        and q.is_cuda
+        and torch.cuda.get_device_capability(q.device) == (9, 0)
+        and geometry.block_m == 2 * HALF_M.value
+        and stages_for(geometry.block_n, q.shape[3], q.element_size()) >= 2
+    )
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """2-D TMA descriptor over (B * S, H * D); t must be contiguous in (S, H, D) per batch element."""
+    batch, seq, heads, head_dim = t.shape
+    block = [rows, head_dim]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
+    return TensorDescriptor(t, [batch * seq, heads * head_dim], [t.stride(1), 1], block, layout)
+
+
+def gluon_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    geometry: TileGeometry,
+    *,
+    scale: float,
+    threshold: float,
+    bits: torch.Tensor | None,
+    work: tuple[torch.Tensor, torch.Tensor] | None,
+    stats: torch.Tensor,
+    return_lse: bool,
+    stages: int | None = None,
+    consumer_regs: int = 232,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the Gluon kernel; arguments as for :func:`triton_forward.triton_forward`.
+
+    Marking rewrites vote bits into ``work``'s entries, so a work list serves one call only.
+    """
+    batch, seq_q, heads, head_dim = q.shape
+    mark = bits is not None and threshold != -math.inf
+    if mark and work is None:
+        raise ValueError("marking needs a work list")
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device) if return_lse else None
+    dummy = torch.empty(1, dtype=torch.int32, device=q.device)
+    entries, counts = work if work is not None else (dummy, dummy)
+    bn = geometry.block_n
+    stages = stages or stages_for(bn, head_dim, q.element_size())
+    _gluon_attention_fwd[(geometry.q_tiles, batch * heads)](
+        _descriptor(q, HALF_M.value), _descriptor(k, bn), _descriptor(v, bn),
+        out, lse if lse is not None else dummy, bits if mark else dummy, entries, counts, stats,
+        out.stride(0), out.stride(1), out.stride(2),
+        heads, seq_q, k.shape[1], geometry.k_tiles, geometry.words,
+        scale * LOG2E, threshold if mark else 0.0,
+        STAGES=stages, USE_LIST=work is not None, MARK=mark, WRITE_LSE=return_lse,
+        EVEN_N=k.shape[1] % bn == 0, CONSUMER_REGS=consumer_regs,
+        num_warps=4, maxnreg=168,
+    )
+    return out, lse
