@@ -1,7 +1,7 @@
 """The Gluon (sm_90) kernel against the portable Triton kernel and cuDNN, side by side on one GPU.
 
 For each shape: dense mode, a first step (marking on, nothing skipped yet) and random skipping at
-50% and 90%, for both kernels, with the Gluon K/V ring depth swept; outputs are cross-checked
+50% and 90%, for both kernels, with the Gluon K/V ring depth and ping-pong swept; outputs are cross-checked
 (values against cuDNN, marks and statistics between the kernels) before anything is timed.
 Usage: PYTHONPATH=src python bench/compare_kernels.py [--shapes 1,40,32760,128;1,32,16384,64]
 """
@@ -84,7 +84,9 @@ def main() -> None:
             # Timing.
             for name, forward, variants in (
                 ("triton", tf.triton_forward, [{}]),
-                ("gluon", gf.gluon_forward, [{"stages": st} for st in (2, 3, 4) if st <= gf.stages_for(bn, d)]),
+                ("gluon", gf.gluon_forward, [
+                    {"stages": st, "pingpong": pp} for st in (2, 3, 4) for pp in (True, False) if st <= gf.stages_for(bn, d)
+                ]),
             ):
                 for kw in variants:
                     tag = f"{tiles}/{name}" + "".join(f"/{key}{val}" for key, val in kw.items())

@@ -8,12 +8,13 @@ scheduled the way FlashAttention-3 schedules Hopper, which Triton's own pipeline
 - two consumer warpgroups each own 64 rows of the 128-row q-tile and share the K/V ring;
 - inside a consumer, the QK^T of tile i and the PV of tile i-1 are issued back to back as
   asynchronous wgmma, and the softmax of tile i runs while PV of tile i-1 is still on the tensor
-  cores.
+  cores; the two consumers take turns issuing (ping-pong), so one's softmax overlaps the other's
+  matrix products.
 
 Marking needs every row of the q-tile, but the rows are split over two warpgroups: each consumer
-reduces its rows' verdict bits once per GROUP tiles and votes for the tiles it finds negligible by
-setting a flag bit in their work-list entry with an atomic OR; the consumer that finds the flag
-already set is the second vote and marks the tile.
+reduces its rows' verdict bits once per GROUP tiles into one word and stores it (no atomics, no
+waiting on memory inside the loop); ``_apply_verdicts`` then marks the tiles both consumers found
+negligible, one program per row.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import math
 import os
 
 import torch
+import triton
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -40,8 +43,6 @@ from .triton_forward import LOG2E
 HALF_M: gl.constexpr = gl.constexpr(64)
 # Visited tiles whose verdict bits are reduced together (bits of one int64 per row).
 GROUP: gl.constexpr = gl.constexpr(64)
-# Work-list entries are < 2**30 (k-tile indices); bit 30 records a consumer's vote to mark.
-VOTE: gl.constexpr = gl.constexpr(1 << 30)
 # Shared memory per block on sm_90, minus headroom for the barriers.
 SMEM_BYTES = 227 * 1024 - 1024
 
@@ -93,7 +94,7 @@ def _scores(s, entries_row, i, seq_k, qk_scale, USE_LIST: gl.constexpr, EVEN_N: 
         BLOCK_N: gl.constexpr = s.type.shape[1]
         if USE_LIST:
             entry = gl.load(entries_row + i)
-            kt = gl.where(entry >= 0, entry, -entry - 1) & (VOTE - 1)
+            kt = gl.where(entry >= 0, entry, -entry - 1)
         else:
             kt = i
         offs_n = kt * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
@@ -101,21 +102,41 @@ def _scores(s, entries_row, i, seq_k, qk_scale, USE_LIST: gl.constexpr, EVEN_N: 
 
 
 @gluon.jit
-def _vote(row_bits, group_start, count, entries_row, bits_row, Stats):
-    """Vote for the tiles at visit positions [group_start, group_start + GROUP) that all of this
-    consumer's rows found negligible; the second vote on a tile marks it."""
-    word = gl.reduce(row_bits, 0, _and)
-    vote_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    lane = gl.arange(0, GROUP, layout=vote_layout)
-    pos = group_start + lane
-    inside = pos < count
-    entry = gl.load(entries_row + pos, mask=inside, other=-1)
-    hit = inside & (entry >= 0) & (((word >> lane.to(gl.int64)) & 1) == 1)
-    before = gl.atomic_or(entries_row + pos, gl.full([GROUP], VOTE, gl.int32, vote_layout), mask=hit)
-    second = hit & ((before & VOTE) != 0)
-    kt = entry & (VOTE - 1)
-    gl.atomic_or(bits_row + kt // 32, 1 << (kt % 32), mask=second)
-    gl.atomic_add(Stats + 2, gl.sum(second.to(gl.int64), 0))
+def _store_verdict(row_bits, group, verdicts_row):
+    """Word ``group`` of this consumer's verdicts: bit j set when all its rows found the tile at
+    visit position group * GROUP + j negligible. A plain store: the loop never waits on memory."""
+    gl.store(verdicts_row + group, gl.reduce(row_bits, 0, _and))
+
+
+@triton.jit
+def _apply_verdicts(Verdicts, Entries, Counts, Bits, Stats, k_tiles, words, groups, GROUP_SIZE: tl.constexpr):
+    """Mark the tiles that both consumers of a q-tile found negligible (one program per row)."""
+    row = tl.program_id(0).to(tl.int64)
+    count = tl.load(Counts + row)
+    lane = tl.arange(0, GROUP_SIZE)
+    newly = tl.zeros([GROUP_SIZE], dtype=tl.int64)
+    for group in range(0, tl.cdiv(count, GROUP_SIZE)):
+        word = tl.load(Verdicts + (row * 2) * groups + group) & tl.load(Verdicts + (row * 2 + 1) * groups + group)
+        pos = group * GROUP_SIZE + lane
+        entry = tl.load(Entries + row * k_tiles + pos, mask=pos < count, other=-1)
+        hit = (pos < count) & (entry >= 0) & (((word >> lane.to(tl.int64)) & 1) == 1)
+        tl.atomic_or(Bits + row * words + entry // 32, 1 << (entry % 32), mask=hit)
+        newly += hit.to(tl.int64)
+    tl.atomic_add(Stats + 2, tl.sum(newly, 0))
+
+
+@gluon.jit
+def _take_turn(turns, half: gl.constexpr, n, PINGPONG: gl.constexpr):
+    """Wait until this warpgroup may issue its n-th round of wgmma: the two consumers alternate
+    (half 0 first), so one's tensor-core work runs while the other is in its softmax."""
+    if PINGPONG:
+        mbarrier.wait(turns.index(half), (n & 1) ^ (1 - half))
+
+
+@gluon.jit
+def _pass_turn(turns, half: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turns.index(1 - half), count=1)
 
 
 @gluon.jit
@@ -130,10 +151,11 @@ def _online_softmax(s, m_i, l_i):
 
 @gluon.jit
 def _consumer_partition(
-    half: gl.constexpr, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-    Out, Lse, entries_row, bits_row, Stats, count, b, h, pid_bh, q_row0,
+    half: gl.constexpr, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty, turns,
+    Out, Lse, entries_row, verdicts_row, count, b, h, pid_bh, q_row0,
     seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
     USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr,
+    PINGPONG: gl.constexpr,
 ):
     """One warpgroup: rows [half * 64, half * 64 + 64) of the q-tile over every listed tile."""
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
@@ -159,7 +181,9 @@ def _consumer_partition(
         # Tile 0 alone: nothing to overlap its softmax with yet. Its gap is +inf (no running max),
         # so only padding rows find it negligible and it is never marked.
         mbarrier.wait(k_ready.index(0), 0)
+        _take_turn(turns, half, 0, PINGPONG)
         s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        _pass_turn(turns, half, PINGPONG)
         s = warpgroup_mma_wait(0, deps=(s,))
         p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, entries_row, 0, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -168,9 +192,11 @@ def _consumer_partition(
             stage = i % STAGES
             prev = (i - 1) % STAGES
             mbarrier.wait(k_ready.index(stage), (i // STAGES) & 1)
-            s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
+            _take_turn(turns, half, i, PINGPONG)
+            s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+            _pass_turn(turns, half, PINGPONG)
             # wgmma groups retire in order: one outstanding means QK^T of tile i is done.
             s = warpgroup_mma_wait(1, deps=(s,))
             p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, entries_row, i, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i)
@@ -185,15 +211,17 @@ def _consumer_partition(
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             if MARK:
                 if i % GROUP == GROUP - 1:
-                    _vote(row_bits, i - (GROUP - 1), count, entries_row, bits_row, Stats)
+                    _store_verdict(row_bits, i // GROUP, verdicts_row)
                     row_bits = gl.zeros([HALF_M], gl.int64, rows)
         last = (count - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((count - 1) // STAGES) & 1)
+        _take_turn(turns, half, count, PINGPONG)
         acc = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+        _pass_turn(turns, half, PINGPONG)
         acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
         if MARK:
             if (count - 1) % GROUP != GROUP - 1:
-                _vote(row_bits, count - 1 - (count - 1) % GROUP, count, entries_row, bits_row, Stats)
+                _store_verdict(row_bits, (count - 1) // GROUP, verdicts_row)
 
     out = acc / gl.convert_layout(l_i, o_rows)[:, None]
     offs_m = first_row + gl.arange(0, HALF_M, layout=o_rows)
@@ -212,12 +240,12 @@ def _consumer_partition(
 
 @gluon.jit
 def _gluon_attention_fwd(
-    q_desc, k_desc, v_desc, Out, Lse, Bits, Entries, Counts, Stats,
+    q_desc, k_desc, v_desc, Out, Lse, Verdicts, Entries, Counts,
     stride_ob, stride_os, stride_oh,
-    heads, seq_q, seq_k, k_tiles, words,
+    heads, seq_q, seq_k, k_tiles, groups,
     qk_scale, threshold,
     STAGES: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr,
-    EVEN_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    EVEN_N: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -226,7 +254,6 @@ def _gluon_attention_fwd(
     row = pid_bh.to(gl.int64) * gl.num_programs(0) + pid_m  # (b, h, q-tile) row of the tile grid
     q_row0 = pid_m * (2 * HALF_M)
     entries_row = Entries + row * k_tiles
-    bits_row = Bits + row * words
     if USE_LIST:
         count = gl.load(Counts + row)
     else:
@@ -239,8 +266,10 @@ def _gluon_attention_fwd(
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for half in gl.static_range(2):
         mbarrier.init(q_bars.index(half), count=1)
+        mbarrier.init(turns.index(half), count=1)
     for stage in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(stage), count=1)
         mbarrier.init(v_ready.index(stage), count=1)
@@ -250,16 +279,16 @@ def _gluon_attention_fwd(
     gl.warp_specialize(
         [
             (_consumer_partition, (
-                0, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-                Out, Lse, entries_row, bits_row, Stats, count, b, h, pid_bh, q_row0,
+                0, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty, turns,
+                Out, Lse, entries_row, Verdicts + row * 2 * groups, count, b, h, pid_bh, q_row0,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
-                USE_LIST, MARK, WRITE_LSE, EVEN_N,
+                USE_LIST, MARK, WRITE_LSE, EVEN_N, PINGPONG,
             )),
             (_consumer_partition, (
-                1, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-                Out, Lse, entries_row, bits_row, Stats, count, b, h, pid_bh, q_row0,
+                1, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty, turns,
+                Out, Lse, entries_row, Verdicts + (row * 2 + 1) * groups, count, b, h, pid_bh, q_row0,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
-                USE_LIST, MARK, WRITE_LSE, EVEN_N,
+                USE_LIST, MARK, WRITE_LSE, EVEN_N, PINGPONG,
             )),
             (_load_partition, (
                 q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
@@ -311,12 +340,11 @@ def gluon_forward(
     stats: torch.Tensor,
     return_lse: bool,
     stages: int | None = None,
+    pingpong: bool = True,
     consumer_regs: int = 232,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the Gluon kernel; arguments as for :func:`triton_forward.triton_forward`.
-
-    Marking rewrites vote bits into ``work``'s entries, so a work list serves one call only.
-    """
+    """Launch the Gluon kernel (then, when marking, the pass that applies the verdicts);
+    arguments as for :func:`triton_forward.triton_forward`."""
     batch, seq_q, heads, head_dim = q.shape
     mark = bits is not None and threshold != -math.inf
     if mark and work is None:
@@ -325,16 +353,24 @@ def gluon_forward(
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device) if return_lse else None
     dummy = torch.empty(1, dtype=torch.int32, device=q.device)
     entries, counts = work if work is not None else (dummy, dummy)
+    rows = batch * heads * geometry.q_tiles
+    groups = triton.cdiv(geometry.k_tiles, GROUP.value)
+    # Per-call scratch: each consumer's verdict words, one int64 per GROUP visited tiles.
+    verdicts = torch.empty(rows, 2, groups, dtype=torch.int64, device=q.device) if mark else dummy
     bn = geometry.block_n
     stages = stages or stages_for(bn, head_dim, q.element_size())
     _gluon_attention_fwd[(geometry.q_tiles, batch * heads)](
         _descriptor(q, HALF_M.value), _descriptor(k, bn), _descriptor(v, bn),
-        out, lse if lse is not None else dummy, bits if mark else dummy, entries, counts, stats,
+        out, lse if lse is not None else dummy, verdicts, entries, counts,
         out.stride(0), out.stride(1), out.stride(2),
-        heads, seq_q, k.shape[1], geometry.k_tiles, geometry.words,
+        heads, seq_q, k.shape[1], geometry.k_tiles, groups,
         scale * LOG2E, threshold if mark else 0.0,
         STAGES=stages, USE_LIST=work is not None, MARK=mark, WRITE_LSE=return_lse,
-        EVEN_N=k.shape[1] % bn == 0, CONSUMER_REGS=consumer_regs,
+        EVEN_N=k.shape[1] % bn == 0, PINGPONG=pingpong, CONSUMER_REGS=consumer_regs,
         num_warps=4, maxnreg=168,
     )
+    if mark:
+        _apply_verdicts[(rows,)](
+            verdicts, entries, counts, bits, stats, geometry.k_tiles, geometry.words, groups, GROUP_SIZE=GROUP.value,
+        )
     return out, lse
