@@ -1,8 +1,9 @@
 """The Gluon (sm_90) kernel against the portable Triton kernel and cuDNN, side by side on one GPU.
 
 For each shape: dense mode, a first step (marking on, nothing skipped yet) and random skipping at
-50% and 90%, for both kernels, with the Gluon K/V ring depth and ping-pong swept; outputs are cross-checked
-(values against cuDNN, marks and statistics between the kernels) before anything is timed.
+50% and 90%, for the Triton kernel and Gluon variants (one or two tiles per step, verdicts stored
+or voted with atomics, K/V ring depth); outputs are cross-checked (values against cuDNN, marks and
+statistics against the Triton kernel) before anything is timed.
 Usage: PYTHONPATH=src python bench/compare_kernels.py [--shapes 1,40,32760,128;1,32,16384,64]
 """
 
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="1,40,32760,128;1,32,16384,64")
     parser.add_argument("--tiles", default="128x64,128x128")
     parser.add_argument("--threshold", type=float, default=-10.0)
+    parser.add_argument("--mark-threshold", type=float, default=-1.0)
+    parser.add_argument("--no-time", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results = []
@@ -58,49 +61,46 @@ def main() -> None:
                                work=work, stats=stats, return_lse=False, **kw)[0]
 
             zero = torch.zeros(b, h, g.q_tiles, g.words, dtype=torch.int32, device="cuda")
-            # Correctness first: dense values, and the marks and statistics of a first step.
-            for name, forward in (("triton", tf.triton_forward), ("gluon", gf.gluon_forward)):
-                out = run(forward, None, float("-inf"), use_list=False)
-                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                row[f"{tiles}/{name}/dense_err"] = err
-                print(f"  {tiles} {name} dense rel err vs cuDNN {err:.2e}", flush=True)
-            marks = {}
-            for name, forward in (("triton", tf.triton_forward), ("gluon", gf.gluon_forward)):
+            gluon_variants = [{"pairs": False, "stages": 3}, {"pairs": False, "stages": 3, "vote_atomic": True}]
+            if gf.pairs_fit(bn, d):
+                gluon_variants += [{"pairs": True, "stages": st} for st in (4, 6) if st <= gf.stages_for(bn, d, most=6)]
+                gluon_variants += [{"pairs": True, "stages": 4, "vote_atomic": True}]
+            else:
+                gluon_variants += [{"pairs": False, "stages": 2}]
+            variants = [("triton", tf.triton_forward, {})] + [("gluon", gf.gluon_forward, kw) for kw in gluon_variants]
+            # Correctness first: dense values against cuDNN; marks and statistics of a first step at a
+            # threshold that marks many tiles, and 50% sparse values, against the Triton kernel.
+            marks_ref = sparse_ref = None
+            mask = pack_bits(make_mask("random", 0.5, g, b, h, q.device))
+            for name, forward, kw in variants:
+                tag = f"{tiles}/{name}" + "".join(f"/{key}{val}" for key, val in kw.items())
+                err = ((run(forward, None, float("-inf"), use_list=False, **kw).float() - ref.float()).norm() / ref.float().norm()).item()
                 bits = zero.clone()
                 stats.zero_()
-                run(forward, bits, args.threshold)
-                marks[name] = (bits, stats.clone())
-            same_bits = torch.equal(marks["triton"][0], marks["gluon"][0])
-            diff = (marks["triton"][0] ^ marks["gluon"][0]).ne(0).sum().item()
-            print(f"  {tiles} first-step marks identical: {same_bits} (differing words {diff}); stats triton "
-                  f"{marks['triton'][1].tolist()} gluon {marks['gluon'][1].tolist()}", flush=True)
-            row[f"{tiles}/marks_identical"] = same_bits
-            for sparsity in (0.5, 0.9):
-                mask = pack_bits(make_mask("random", sparsity, g, b, h, q.device))
-                outs = [run(fw, mask.clone(), float("-inf")) for fw in (tf.triton_forward, gf.gluon_forward)]
-                err = ((outs[0].float() - outs[1].float()).norm() / outs[0].float().norm()).item()
-                print(f"  {tiles} s={sparsity} gluon vs triton rel err {err:.2e}", flush=True)
-
-            # Timing.
-            for name, forward, variants in (
-                ("triton", tf.triton_forward, [{}]),
-                ("gluon", gf.gluon_forward, [
-                    {"stages": st, "pingpong": pp} for st in (2, 3, 4) for pp in (True, False) if st <= gf.stages_for(bn, d)
-                ]),
-            ):
-                for kw in variants:
-                    tag = f"{tiles}/{name}" + "".join(f"/{key}{val}" for key, val in kw.items())
-                    dense = bench(lambda: run(forward, None, float("-inf"), use_list=False, **kw))
-                    bits = zero.clone()
-                    first = bench(lambda: run(forward, bits.zero_(), args.threshold, **kw))
-                    line = f"  {tag:<28} dense {dense:8.3f} ms ({dense / cudnn:.3f}x cuDNN)  first {first:8.3f} ({first / dense:.3f}x dense)"
-                    row[f"{tag}/dense"], row[f"{tag}/first"] = dense, first
-                    for sparsity in (0.5, 0.9):
-                        mask = pack_bits(make_mask("random", sparsity, g, b, h, q.device))
-                        t = bench(lambda: run(forward, bits.copy_(mask), args.threshold, **kw))
-                        row[f"{tag}/s{sparsity}"] = t
-                        line += f"  s={sparsity} {t:7.3f} ({t / dense:.3f})"
-                    print(line, flush=True)
+                run(forward, bits, args.mark_threshold, **kw)
+                marked = (bits, stats.clone())
+                sparse = run(forward, mask.clone(), float("-inf"), **kw).float()
+                if marks_ref is None:
+                    marks_ref, sparse_ref = marked, sparse
+                same = torch.equal(marked[0], marks_ref[0]) and torch.equal(marked[1], marks_ref[1])
+                sparse_err = ((sparse - sparse_ref).nan_to_num().norm() / sparse_ref.nan_to_num().norm()).item()
+                print(f"  {tag:<40} dense err {err:.1e}  marks {'same' if same else 'DIFFER'} {marked[1].tolist()}  s=0.5 err {sparse_err:.1e}", flush=True)
+                row[f"{tag}/ok"] = bool(err < 1e-2 and same and sparse_err < 1e-2)
+            if args.no_time:
+                continue
+            for name, forward, kw in variants:
+                tag = f"{tiles}/{name}" + "".join(f"/{key}{val}" for key, val in kw.items())
+                dense = bench(lambda: run(forward, None, float("-inf"), use_list=False, **kw))
+                bits = zero.clone()
+                first = bench(lambda: run(forward, bits.zero_(), args.threshold, **kw))
+                line = f"  {tag:<40} dense {dense:8.3f} ms ({dense / cudnn:.3f}x cuDNN)  first {first:8.3f} ({first / dense:.3f}x dense)"
+                row[f"{tag}/dense"], row[f"{tag}/first"] = dense, first
+                for sparsity in (0.5, 0.9):
+                    mask = pack_bits(make_mask("random", sparsity, g, b, h, q.device))
+                    t = bench(lambda: run(forward, bits.copy_(mask), args.threshold, **kw))
+                    row[f"{tag}/s{sparsity}"] = t
+                    line += f"  s={sparsity} {t:7.3f} ({t / dense:.3f})"
+                print(line, flush=True)
         results.append(row)
     if args.out:
         with open(args.out, "w") as f:

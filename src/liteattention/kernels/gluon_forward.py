@@ -43,6 +43,7 @@ from .triton_forward import LOG2E
 HALF_M: gl.constexpr = gl.constexpr(64)
 # Visited tiles whose verdict bits are reduced together (bits of one int64 per row).
 GROUP: gl.constexpr = gl.constexpr(64)
+VOTE: gl.constexpr = gl.constexpr(1 << 30)
 # Shared memory per block on sm_90, minus headroom for the barriers.
 SMEM_BYTES = 227 * 1024 - 1024
 
@@ -94,7 +95,7 @@ def _scores(s, entries_row, i, seq_k, qk_scale, USE_LIST: gl.constexpr, EVEN_N: 
         BLOCK_N: gl.constexpr = s.type.shape[1]
         if USE_LIST:
             entry = gl.load(entries_row + i)
-            kt = gl.where(entry >= 0, entry, -entry - 1)
+            kt = gl.where(entry >= 0, entry, -entry - 1) & (VOTE - 1)
         else:
             kt = i
         offs_n = kt * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
@@ -126,17 +127,54 @@ def _apply_verdicts(Verdicts, Entries, Counts, Bits, Stats, k_tiles, words, grou
 
 
 @gluon.jit
-def _take_turn(turns, half: gl.constexpr, n, PINGPONG: gl.constexpr):
-    """Wait until this warpgroup may issue its n-th round of wgmma: the two consumers alternate
-    (half 0 first), so one's tensor-core work runs while the other is in its softmax."""
-    if PINGPONG:
-        mbarrier.wait(turns.index(half), (n & 1) ^ (1 - half))
+def _vote_atomic(row_bits, group, count, entries_row, bits_row, Stats):
+    """(Experiment) vote through a flag bit in the work-list entries; the second vote marks."""
+    word = gl.reduce(row_bits, 0, _and)
+    vote_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    lane = gl.arange(0, GROUP, layout=vote_layout)
+    pos = group * GROUP + lane
+    inside = pos < count
+    entry = gl.load(entries_row + pos, mask=inside, other=-1)
+    hit = inside & (entry >= 0) & (((word >> lane.to(gl.int64)) & 1) == 1)
+    before = gl.atomic_or(entries_row + pos, gl.full([GROUP], VOTE, gl.int32, vote_layout), mask=hit)
+    second = hit & ((before & VOTE) != 0)
+    kt = entry & (VOTE - 1)
+    gl.atomic_or(bits_row + kt // 32, 1 << (kt % 32), mask=second)
+    gl.atomic_add(Stats + 2, gl.sum(second.to(gl.int64), 0))
 
 
 @gluon.jit
-def _pass_turn(turns, half: gl.constexpr, PINGPONG: gl.constexpr):
-    if PINGPONG:
-        mbarrier.arrive(turns.index(1 - half), count=1)
+def _flush(row_bits, group, count, entries_row, verdicts_row, bits_row, Stats, VOTE_ATOMIC: gl.constexpr):
+    if VOTE_ATOMIC:
+        _vote_atomic(row_bits, group, count, entries_row, bits_row, Stats)
+    else:
+        _store_verdict(row_bits, group, verdicts_row)
+
+
+@gluon.jit
+def _issue_qk(q, k_bufs, k_ready, j, zero_s):
+    """Start S = Q K_j^T for the j-th visited tile once its K has landed."""
+    STAGES: gl.constexpr = k_bufs.type.shape[0]
+    mbarrier.wait(k_ready.index(j % STAGES), (j // STAGES) & 1)
+    return warpgroup_mma(q, k_bufs.index(j % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _issue_pv(p_op, v_bufs, v_ready, j, acc):
+    """Start acc += P V_j for the j-th visited tile once its V has landed."""
+    STAGES: gl.constexpr = v_bufs.type.shape[0]
+    mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
+    return warpgroup_mma(p_op, v_bufs.index(j % STAGES), acc, is_async=True)
+
+
+@gluon.jit
+def _release(kv_empty, j, n: gl.constexpr):
+    """Hand the buffers of visited tiles j .. j + n - 1 back to the producer, once every warp of
+    this warpgroup is past the wgmma that read them."""
+    STAGES: gl.constexpr = kv_empty.type.shape[0]
+    gl.thread_barrier()
+    for t in gl.static_range(n):
+        mbarrier.arrive(kv_empty.index((j + t) % STAGES), count=1)
 
 
 @gluon.jit
@@ -150,78 +188,187 @@ def _online_softmax(s, m_i, l_i):
 
 
 @gluon.jit
+def _online_softmax_pair(s0, s1, m_i, l_i):
+    """Two consecutive visited tiles in one update. Each tile's gap is taken against the running
+    max just before it, exactly as when the tiles are visited one at a time."""
+    max0 = gl.max(s0, 1)
+    max1 = gl.max(s1, 1)
+    m_mid = gl.maximum(m_i, max0)
+    m_new = gl.maximum(m_mid, max1)
+    p0 = gl.exp2(s0 - m_new[:, None])
+    p1 = gl.exp2(s1 - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p0 + p1, 1)
+    return p0, p1, m_new, l_i, alpha, max0 - m_i, max1 - m_mid
+
+
+@gluon.jit
+def _verdict_bit(row_bits, gap, threshold, padding_rows, j):
+    negligible = (gap < threshold) | padding_rows
+    return row_bits | (negligible.to(gl.int64) << (j % GROUP))
+
+
+@gluon.jit
+def _consume_single(
+    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
+    entries_row, verdicts_row, bits_row, Stats, count, seq_k, qk_scale, threshold,
+    USE_LIST: gl.constexpr, MARK: gl.constexpr, EVEN_N: gl.constexpr, VOTE_ATOMIC: gl.constexpr,
+):
+    """Visited tiles one per step: QK^T of tile i and PV of tile i-1 in flight together."""
+    dtype: gl.constexpr = k_bufs.dtype
+    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+    # Tile 0 alone: nothing to overlap its softmax with yet. Its gap is +inf (no running max),
+    # so only padding rows find it negligible and it is never marked.
+    s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_bufs, k_ready, 0, zero_s),))
+    p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, entries_row, 0, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    row_bits = padding_rows.to(gl.int64)
+    for i in range(1, count):
+        s = _issue_qk(q, k_bufs, k_ready, i, zero_s)
+        acc = _issue_pv(p_op, v_bufs, v_ready, i - 1, acc)
+        # wgmma groups retire in order: one outstanding means QK^T of tile i is done.
+        s = warpgroup_mma_wait(1, deps=(s,))
+        p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, entries_row, i, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i)
+        if MARK:
+            row_bits = _verdict_bit(row_bits, gap, threshold, padding_rows, i)
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+        _release(kv_empty, i - 1, 1)
+        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        if MARK:
+            if i % GROUP == GROUP - 1:
+                _flush(row_bits, i // GROUP, count, entries_row, verdicts_row, bits_row, Stats, VOTE_ATOMIC)
+                row_bits = gl.zeros_like(row_bits)
+    acc = _issue_pv(p_op, v_bufs, v_ready, count - 1, acc)
+    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+    _release(kv_empty, count - 1, 1)
+    if MARK:
+        if (count - 1) % GROUP != GROUP - 1:
+            _flush(row_bits, (count - 1) // GROUP, count, entries_row, verdicts_row, bits_row, Stats, VOTE_ATOMIC)
+    return m_i, l_i, acc
+
+
+@gluon.jit
+def _consume_pairs(
+    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
+    entries_row, verdicts_row, bits_row, Stats, count, seq_k, qk_scale, threshold,
+    USE_LIST: gl.constexpr, MARK: gl.constexpr, EVEN_N: gl.constexpr, VOTE_ATOMIC: gl.constexpr,
+):
+    """Visited tiles two per step (j, j + 1): one softmax update and one acc rescale per pair,
+    with QK^T of the pair and PV of the previous pair in flight together. A single tile is
+    left over when count is odd (and is all there is when count is 1)."""
+    dtype: gl.constexpr = k_bufs.dtype
+    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+    row_bits = padding_rows.to(gl.int64)
+    if count == 1:
+        s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_bufs, k_ready, 0, zero_s),))
+        p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, entries_row, 0, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i)
+        acc = _issue_pv(gl.convert_layout(p.to(dtype), p_layout), v_bufs, v_ready, 0, acc)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        _release(kv_empty, 0, 1)
+    else:
+        # The first pair alone: tile 0's gap is +inf, so only padding rows find it negligible.
+        s0 = _issue_qk(q, k_bufs, k_ready, 0, zero_s)
+        s1 = _issue_qk(q, k_bufs, k_ready, 1, zero_s)
+        s0, s1 = warpgroup_mma_wait(0, deps=(s0, s1))
+        p0, p1, m_i, l_i, alpha, gap0, gap1 = _online_softmax_pair(
+            _scores(s0, entries_row, 0, seq_k, qk_scale, USE_LIST, EVEN_N),
+            _scores(s1, entries_row, 1, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i,
+        )
+        if MARK:
+            row_bits = _verdict_bit(row_bits, gap1, threshold, padding_rows, 1)
+        p0_op = gl.convert_layout(p0.to(dtype), p_layout)
+        p1_op = gl.convert_layout(p1.to(dtype), p_layout)
+        for j in range(2, count - 1, 2):
+            s0 = _issue_qk(q, k_bufs, k_ready, j, zero_s)
+            s1 = _issue_qk(q, k_bufs, k_ready, j + 1, zero_s)
+            acc = _issue_pv(p0_op, v_bufs, v_ready, j - 2, acc)
+            acc = _issue_pv(p1_op, v_bufs, v_ready, j - 1, acc)
+            # Two of the four groups outstanding: both QK^T of the pair are done.
+            s0, s1 = warpgroup_mma_wait(2, deps=(s0, s1))
+            p0, p1, m_i, l_i, alpha, gap0, gap1 = _online_softmax_pair(
+                _scores(s0, entries_row, j, seq_k, qk_scale, USE_LIST, EVEN_N),
+                _scores(s1, entries_row, j + 1, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i,
+            )
+            if MARK:
+                row_bits = _verdict_bit(row_bits, gap0, threshold, padding_rows, j)
+                row_bits = _verdict_bit(row_bits, gap1, threshold, padding_rows, j + 1)
+            acc, p0_op, p1_op = warpgroup_mma_wait(0, deps=(acc, p0_op, p1_op))
+            _release(kv_empty, j - 2, 2)
+            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+            p0_op = gl.convert_layout(p0.to(dtype), p_layout)
+            p1_op = gl.convert_layout(p1.to(dtype), p_layout)
+            if MARK:
+                # j is even, so a pair never straddles two groups.
+                if (j + 1) % GROUP == GROUP - 1:
+                    _flush(row_bits, j // GROUP, count, entries_row, verdicts_row, bits_row, Stats, VOTE_ATOMIC)
+                    row_bits = gl.zeros_like(row_bits)
+        last_pair = (count - 2) // 2 * 2  # the pair whose PV is still to issue
+        if count % 2 == 1:
+            s = _issue_qk(q, k_bufs, k_ready, count - 1, zero_s)
+            acc = _issue_pv(p0_op, v_bufs, v_ready, last_pair, acc)
+            acc = _issue_pv(p1_op, v_bufs, v_ready, last_pair + 1, acc)
+            s = warpgroup_mma_wait(2, deps=(s,))
+            p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, entries_row, count - 1, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i)
+            if MARK:
+                row_bits = _verdict_bit(row_bits, gap, threshold, padding_rows, count - 1)
+            acc, p0_op, p1_op = warpgroup_mma_wait(0, deps=(acc, p0_op, p1_op))
+            _release(kv_empty, last_pair, 2)
+            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+            acc = _issue_pv(gl.convert_layout(p.to(dtype), p_layout), v_bufs, v_ready, count - 1, acc)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            _release(kv_empty, count - 1, 1)
+        else:
+            acc = _issue_pv(p0_op, v_bufs, v_ready, last_pair, acc)
+            acc = _issue_pv(p1_op, v_bufs, v_ready, last_pair + 1, acc)
+            acc, p0_op, p1_op = warpgroup_mma_wait(0, deps=(acc, p0_op, p1_op))
+            _release(kv_empty, last_pair, 2)
+    if MARK:
+        if (count - 1) % GROUP != GROUP - 1:
+            _flush(row_bits, (count - 1) // GROUP, count, entries_row, verdicts_row, bits_row, Stats, VOTE_ATOMIC)
+    return m_i, l_i, acc
+
+
+@gluon.jit
 def _consumer_partition(
-    half: gl.constexpr, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty, turns,
-    Out, Lse, entries_row, verdicts_row, count, b, h, pid_bh, q_row0,
+    half: gl.constexpr, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
+    Out, Lse, entries_row, verdicts_row, bits_row, Stats, count, b, h, pid_bh, q_row0,
     seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
     USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr,
-    PINGPONG: gl.constexpr,
+    PAIRS: gl.constexpr, VOTE_ATOMIC: gl.constexpr,
 ):
     """One warpgroup: rows [half * 64, half * 64 + 64) of the q-tile over every listed tile."""
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
     BLOCK_N: gl.constexpr = k_bufs.type.shape[1]
-    STAGES: gl.constexpr = k_bufs.type.shape[0]
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     first_row = q_row0 + half * HALF_M
     padding_rows = first_row + gl.arange(0, HALF_M, layout=rows) >= seq_q  # never veto a mark
-    q = q_smem.index(half)
-    zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
     m_i = gl.full([HALF_M], float("-inf"), gl.float32, rows)
     l_i = gl.zeros([HALF_M], gl.float32, rows)
     acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
-
+    zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
     if count > 0:
+        q = q_smem.index(half)
         mbarrier.wait(q_bars.index(half), 0)
-        # Tile 0 alone: nothing to overlap its softmax with yet. Its gap is +inf (no running max),
-        # so only padding rows find it negligible and it is never marked.
-        mbarrier.wait(k_ready.index(0), 0)
-        _take_turn(turns, half, 0, PINGPONG)
-        s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        _pass_turn(turns, half, PINGPONG)
-        s = warpgroup_mma_wait(0, deps=(s,))
-        p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, entries_row, 0, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        row_bits = padding_rows.to(gl.int64)
-        for i in range(1, count):
-            stage = i % STAGES
-            prev = (i - 1) % STAGES
-            mbarrier.wait(k_ready.index(stage), (i // STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
-            _take_turn(turns, half, i, PINGPONG)
-            s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
-            _pass_turn(turns, half, PINGPONG)
-            # wgmma groups retire in order: one outstanding means QK^T of tile i is done.
-            s = warpgroup_mma_wait(1, deps=(s,))
-            p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, entries_row, i, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i)
-            if MARK:
-                negligible = (gap < threshold) | padding_rows
-                row_bits = row_bits | (negligible.to(gl.int64) << (i % GROUP))
-            acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-            # Every warp of this warpgroup is past its wgmma before the buffers are handed back.
-            gl.thread_barrier()
-            mbarrier.arrive(kv_empty.index(prev), count=1)
-            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            if MARK:
-                if i % GROUP == GROUP - 1:
-                    _store_verdict(row_bits, i // GROUP, verdicts_row)
-                    row_bits = gl.zeros([HALF_M], gl.int64, rows)
-        last = (count - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((count - 1) // STAGES) & 1)
-        _take_turn(turns, half, count, PINGPONG)
-        acc = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
-        _pass_turn(turns, half, PINGPONG)
-        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-        if MARK:
-            if (count - 1) % GROUP != GROUP - 1:
-                _store_verdict(row_bits, (count - 1) // GROUP, verdicts_row)
+        if PAIRS:
+            m_i, l_i, acc = _consume_pairs(
+                q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
+                entries_row, verdicts_row, bits_row, Stats, count, seq_k, qk_scale, threshold,
+                USE_LIST, MARK, EVEN_N, VOTE_ATOMIC,
+            )
+        else:
+            m_i, l_i, acc = _consume_single(
+                q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
+                entries_row, verdicts_row, bits_row, Stats, count, seq_k, qk_scale, threshold,
+                USE_LIST, MARK, EVEN_N, VOTE_ATOMIC,
+            )
 
     out = acc / gl.convert_layout(l_i, o_rows)[:, None]
     offs_m = first_row + gl.arange(0, HALF_M, layout=o_rows)
@@ -240,12 +387,12 @@ def _consumer_partition(
 
 @gluon.jit
 def _gluon_attention_fwd(
-    q_desc, k_desc, v_desc, Out, Lse, Verdicts, Entries, Counts,
+    q_desc, k_desc, v_desc, Out, Lse, Verdicts, Entries, Counts, Bits, Stats,
     stride_ob, stride_os, stride_oh,
-    heads, seq_q, seq_k, k_tiles, groups,
+    heads, seq_q, seq_k, k_tiles, groups, words,
     qk_scale, threshold,
     STAGES: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr,
-    EVEN_N: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    EVEN_N: gl.constexpr, PAIRS: gl.constexpr, VOTE_ATOMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -266,10 +413,8 @@ def _gluon_attention_fwd(
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for half in gl.static_range(2):
         mbarrier.init(q_bars.index(half), count=1)
-        mbarrier.init(turns.index(half), count=1)
     for stage in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(stage), count=1)
         mbarrier.init(v_ready.index(stage), count=1)
@@ -279,16 +424,16 @@ def _gluon_attention_fwd(
     gl.warp_specialize(
         [
             (_consumer_partition, (
-                0, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty, turns,
-                Out, Lse, entries_row, Verdicts + row * 2 * groups, count, b, h, pid_bh, q_row0,
+                0, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
+                Out, Lse, entries_row, Verdicts + row * 2 * groups, Bits + row * words, Stats, count, b, h, pid_bh, q_row0,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
-                USE_LIST, MARK, WRITE_LSE, EVEN_N, PINGPONG,
+                USE_LIST, MARK, WRITE_LSE, EVEN_N, PAIRS, VOTE_ATOMIC,
             )),
             (_consumer_partition, (
-                1, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty, turns,
-                Out, Lse, entries_row, Verdicts + (row * 2 + 1) * groups, count, b, h, pid_bh, q_row0,
+                1, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
+                Out, Lse, entries_row, Verdicts + (row * 2 + 1) * groups, Bits + row * words, Stats, count, b, h, pid_bh, q_row0,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
-                USE_LIST, MARK, WRITE_LSE, EVEN_N, PINGPONG,
+                USE_LIST, MARK, WRITE_LSE, EVEN_N, PAIRS, VOTE_ATOMIC,
             )),
             (_load_partition, (
                 q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
@@ -300,11 +445,17 @@ def _gluon_attention_fwd(
     )
 
 
-def stages_for(block_n: int, head_dim: int, itemsize: int = 2) -> int:
-    """Deepest K/V ring (at most 4) that fits next to Q's two halves in shared memory."""
+def stages_for(block_n: int, head_dim: int, itemsize: int = 2, most: int = 4) -> int:
+    """Deepest K/V ring (at most ``most``) that fits next to Q's two halves in shared memory."""
     q_bytes = 2 * HALF_M.value * head_dim * itemsize
     stage_bytes = 2 * block_n * head_dim * itemsize
-    return max(0, min(4, (SMEM_BYTES - q_bytes) // stage_bytes))
+    return max(0, min(most, (SMEM_BYTES - q_bytes) // stage_bytes))
+
+
+def pairs_fit(block_n: int, head_dim: int) -> bool:
+    """Two 64-key tiles per step fit the consumers' registers up to head dim 128 (ptxas reports
+    spills for 128-key tiles or head dim 256)."""
+    return block_n == 64 and head_dim <= 128
 
 
 def gluon_supported(q: torch.Tensor, geometry: TileGeometry) -> bool:
@@ -340,7 +491,8 @@ def gluon_forward(
     stats: torch.Tensor,
     return_lse: bool,
     stages: int | None = None,
-    pingpong: bool = True,
+    pairs: bool | None = None,
+    vote_atomic: bool = False,
     consumer_regs: int = 232,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the Gluon kernel (then, when marking, the pass that applies the verdicts);
@@ -359,17 +511,18 @@ def gluon_forward(
     verdicts = torch.empty(rows, 2, groups, dtype=torch.int64, device=q.device) if mark else dummy
     bn = geometry.block_n
     stages = stages or stages_for(bn, head_dim, q.element_size())
+    pairs = pairs_fit(bn, head_dim) if pairs is None else pairs
     _gluon_attention_fwd[(geometry.q_tiles, batch * heads)](
         _descriptor(q, HALF_M.value), _descriptor(k, bn), _descriptor(v, bn),
-        out, lse if lse is not None else dummy, verdicts, entries, counts,
+        out, lse if lse is not None else dummy, verdicts, entries, counts, bits if mark else dummy, stats,
         out.stride(0), out.stride(1), out.stride(2),
-        heads, seq_q, k.shape[1], geometry.k_tiles, groups,
+        heads, seq_q, k.shape[1], geometry.k_tiles, groups, geometry.words,
         scale * LOG2E, threshold if mark else 0.0,
         STAGES=stages, USE_LIST=work is not None, MARK=mark, WRITE_LSE=return_lse,
-        EVEN_N=k.shape[1] % bn == 0, PINGPONG=pingpong, CONSUMER_REGS=consumer_regs,
+        EVEN_N=k.shape[1] % bn == 0, PAIRS=pairs, VOTE_ATOMIC=vote_atomic, CONSUMER_REGS=consumer_regs,
         num_warps=4, maxnreg=168,
     )
-    if mark:
+    if mark and not vote_atomic:
         _apply_verdicts[(rows,)](
             verdicts, entries, counts, bits, stats, geometry.k_tiles, geometry.words, groups, GROUP_SIZE=GROUP.value,
         )
