@@ -1,8 +1,8 @@
 """The Gluon (sm_90) kernel against the portable Triton kernel and cuDNN, side by side on one GPU.
 
 For each shape: dense mode, a first step (marking on, nothing skipped yet) and random skipping at
-50% and 90%, for the Triton kernel and Gluon variants (one or two tiles per step, verdicts stored
-or voted with atomics, K/V ring depth); outputs are cross-checked (values against cuDNN, marks and
+50% and 90%, for the Triton kernel and Gluon variants (one or two tiles per step, K/V ring depth);
+outputs are cross-checked (values against cuDNN, marks and
 statistics against the Triton kernel) before anything is timed.
 Usage: PYTHONPATH=src python bench/compare_kernels.py [--shapes 1,40,32760,128;1,32,16384,64]
 """
@@ -61,12 +61,9 @@ def main() -> None:
                                work=work, stats=stats, return_lse=False, **kw)[0]
 
             zero = torch.zeros(b, h, g.q_tiles, g.words, dtype=torch.int32, device="cuda")
-            gluon_variants = [{"pairs": False, "stages": 3}, {"pairs": False, "stages": 3, "vote_atomic": True}]
-            if gf.pairs_fit(bn, d):
-                gluon_variants += [{"pairs": True, "stages": st} for st in (4, 6) if st <= gf.stages_for(bn, d, most=6)]
-                gluon_variants += [{"pairs": True, "stages": 4, "vote_atomic": True}]
-            else:
-                gluon_variants += [{"pairs": False, "stages": 2}]
+            # The default launch, then its alternatives: one tile per step, and other ring depths.
+            gluon_variants = [{}, {"pairs": False, "stages": 3}]
+            gluon_variants += [{"stages": 4}] if gf.pairs_fit(bn, d) else [{"stages": 2}]
             variants = [("triton", tf.triton_forward, {})] + [("gluon", gf.gluon_forward, kw) for kw in gluon_variants]
             # Correctness first: dense values against cuDNN; marks and statistics of a first step at a
             # threshold that marks many tiles, and 50% sparse values, against the Triton kernel.

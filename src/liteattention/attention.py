@@ -170,7 +170,7 @@ def _triton_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip,
         bits = state.bits if state is not None else torch.zeros(batch, heads, geometry.q_tiles, geometry.words, dtype=torch.int32, device=q.device)
         do_words, skip_words = range_words(geometry, must_do, must_skip, q.device)
         work = plan_work(bits, do_words, skip_words, geometry, stats)
-    forward = gluon_forward if gluon_supported(q, geometry) else triton_forward
+    forward = gluon_forward if gluon_supported(q, geometry, kernel_dim) else triton_forward
     out, lse = forward(
         q, k, v, geometry, scale=scale, threshold=threshold,
         bits=state.bits if state is not None else None, work=work, stats=stats, return_lse=return_lse,

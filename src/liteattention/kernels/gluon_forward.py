@@ -6,10 +6,11 @@ scheduled the way FlashAttention-3 schedules Hopper, which Triton's own pipeline
 - one producer warp issues every TMA load (Q once, then K and V of each listed tile into a ring of
   STAGES buffers), so the compute warps never wait on address math or copies;
 - two consumer warpgroups each own 64 rows of the 128-row q-tile and share the K/V ring;
-- inside a consumer, the QK^T of tile i and the PV of tile i-1 are issued back to back as
-  asynchronous wgmma, and the softmax of tile i runs while PV of tile i-1 is still on the tensor
-  cores; the two consumers take turns issuing (ping-pong), so one's softmax overlaps the other's
-  matrix products.
+- inside a consumer, QK^T of the next visited tiles and PV of the previous ones are issued back
+  to back as asynchronous wgmma, and the softmax runs while PV is still on the tensor cores;
+- with 64-key tiles, two tiles make one step (one softmax update and one rescale of the output
+  accumulator per 128 keys), so marking keeps its 64-key granularity at the cost of the larger
+  tile's overheads.
 
 Marking needs every row of the q-tile, but the rows are split over two warpgroups: each consumer
 reduces its rows' verdict bits once per GROUP tiles into one word and stores it (no atomics, no
@@ -43,7 +44,6 @@ from .triton_forward import LOG2E
 HALF_M: gl.constexpr = gl.constexpr(64)
 # Visited tiles whose verdict bits are reduced together (bits of one int64 per row).
 GROUP: gl.constexpr = gl.constexpr(64)
-VOTE: gl.constexpr = gl.constexpr(1 << 30)
 # Shared memory per block on sm_90, minus headroom for the barriers.
 SMEM_BYTES = 227 * 1024 - 1024
 
@@ -95,7 +95,7 @@ def _scores(s, entries_row, i, seq_k, qk_scale, USE_LIST: gl.constexpr, EVEN_N: 
         BLOCK_N: gl.constexpr = s.type.shape[1]
         if USE_LIST:
             entry = gl.load(entries_row + i)
-            kt = gl.where(entry >= 0, entry, -entry - 1) & (VOTE - 1)
+            kt = gl.where(entry >= 0, entry, -entry - 1)
         else:
             kt = i
         offs_n = kt * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
@@ -124,31 +124,6 @@ def _apply_verdicts(Verdicts, Entries, Counts, Bits, Stats, k_tiles, words, grou
         tl.atomic_or(Bits + row * words + entry // 32, 1 << (entry % 32), mask=hit)
         newly += hit.to(tl.int64)
     tl.atomic_add(Stats + 2, tl.sum(newly, 0))
-
-
-@gluon.jit
-def _vote_atomic(row_bits, group, count, entries_row, bits_row, Stats):
-    """(Experiment) vote through a flag bit in the work-list entries; the second vote marks."""
-    word = gl.reduce(row_bits, 0, _and)
-    vote_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    lane = gl.arange(0, GROUP, layout=vote_layout)
-    pos = group * GROUP + lane
-    inside = pos < count
-    entry = gl.load(entries_row + pos, mask=inside, other=-1)
-    hit = inside & (entry >= 0) & (((word >> lane.to(gl.int64)) & 1) == 1)
-    before = gl.atomic_or(entries_row + pos, gl.full([GROUP], VOTE, gl.int32, vote_layout), mask=hit)
-    second = hit & ((before & VOTE) != 0)
-    kt = entry & (VOTE - 1)
-    gl.atomic_or(bits_row + kt // 32, 1 << (kt % 32), mask=second)
-    gl.atomic_add(Stats + 2, gl.sum(second.to(gl.int64), 0))
-
-
-@gluon.jit
-def _flush(row_bits, group, count, entries_row, verdicts_row, bits_row, Stats, VOTE_ATOMIC: gl.constexpr):
-    if VOTE_ATOMIC:
-        _vote_atomic(row_bits, group, count, entries_row, bits_row, Stats)
-    else:
-        _store_verdict(row_bits, group, verdicts_row)
 
 
 @gluon.jit
@@ -211,8 +186,8 @@ def _verdict_bit(row_bits, gap, threshold, padding_rows, j):
 @gluon.jit
 def _consume_single(
     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
-    entries_row, verdicts_row, bits_row, Stats, count, seq_k, qk_scale, threshold,
-    USE_LIST: gl.constexpr, MARK: gl.constexpr, EVEN_N: gl.constexpr, VOTE_ATOMIC: gl.constexpr,
+    entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
+    USE_LIST: gl.constexpr, MARK: gl.constexpr, EVEN_N: gl.constexpr,
 ):
     """Visited tiles one per step: QK^T of tile i and PV of tile i-1 in flight together."""
     dtype: gl.constexpr = k_bufs.dtype
@@ -238,22 +213,22 @@ def _consume_single(
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         if MARK:
             if i % GROUP == GROUP - 1:
-                _flush(row_bits, i // GROUP, count, entries_row, verdicts_row, bits_row, Stats, VOTE_ATOMIC)
+                _store_verdict(row_bits, i // GROUP, verdicts_row)
                 row_bits = gl.zeros_like(row_bits)
     acc = _issue_pv(p_op, v_bufs, v_ready, count - 1, acc)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
     _release(kv_empty, count - 1, 1)
     if MARK:
         if (count - 1) % GROUP != GROUP - 1:
-            _flush(row_bits, (count - 1) // GROUP, count, entries_row, verdicts_row, bits_row, Stats, VOTE_ATOMIC)
+            _store_verdict(row_bits, (count - 1) // GROUP, verdicts_row)
     return m_i, l_i, acc
 
 
 @gluon.jit
 def _consume_pairs(
     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
-    entries_row, verdicts_row, bits_row, Stats, count, seq_k, qk_scale, threshold,
-    USE_LIST: gl.constexpr, MARK: gl.constexpr, EVEN_N: gl.constexpr, VOTE_ATOMIC: gl.constexpr,
+    entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
+    USE_LIST: gl.constexpr, MARK: gl.constexpr, EVEN_N: gl.constexpr,
 ):
     """Visited tiles two per step (j, j + 1): one softmax update and one acc rescale per pair,
     with QK^T of the pair and PV of the previous pair in flight together. A single tile is
@@ -303,7 +278,7 @@ def _consume_pairs(
             if MARK:
                 # j is even, so a pair never straddles two groups.
                 if (j + 1) % GROUP == GROUP - 1:
-                    _flush(row_bits, j // GROUP, count, entries_row, verdicts_row, bits_row, Stats, VOTE_ATOMIC)
+                    _store_verdict(row_bits, j // GROUP, verdicts_row)
                     row_bits = gl.zeros_like(row_bits)
         last_pair = (count - 2) // 2 * 2  # the pair whose PV is still to issue
         if count % 2 == 1:
@@ -327,17 +302,17 @@ def _consume_pairs(
             _release(kv_empty, last_pair, 2)
     if MARK:
         if (count - 1) % GROUP != GROUP - 1:
-            _flush(row_bits, (count - 1) // GROUP, count, entries_row, verdicts_row, bits_row, Stats, VOTE_ATOMIC)
+            _store_verdict(row_bits, (count - 1) // GROUP, verdicts_row)
     return m_i, l_i, acc
 
 
 @gluon.jit
 def _consumer_partition(
     half: gl.constexpr, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-    Out, Lse, entries_row, verdicts_row, bits_row, Stats, count, b, h, pid_bh, q_row0,
+    Out, Lse, entries_row, verdicts_row, count, b, h, pid_bh, q_row0,
     seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
     USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr,
-    PAIRS: gl.constexpr, VOTE_ATOMIC: gl.constexpr,
+    PAIRS: gl.constexpr,
 ):
     """One warpgroup: rows [half * 64, half * 64 + 64) of the q-tile over every listed tile."""
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
@@ -360,14 +335,14 @@ def _consumer_partition(
         if PAIRS:
             m_i, l_i, acc = _consume_pairs(
                 q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
-                entries_row, verdicts_row, bits_row, Stats, count, seq_k, qk_scale, threshold,
-                USE_LIST, MARK, EVEN_N, VOTE_ATOMIC,
+                entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
+                USE_LIST, MARK, EVEN_N,
             )
         else:
             m_i, l_i, acc = _consume_single(
                 q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
-                entries_row, verdicts_row, bits_row, Stats, count, seq_k, qk_scale, threshold,
-                USE_LIST, MARK, EVEN_N, VOTE_ATOMIC,
+                entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
+                USE_LIST, MARK, EVEN_N,
             )
 
     out = acc / gl.convert_layout(l_i, o_rows)[:, None]
@@ -387,12 +362,12 @@ def _consumer_partition(
 
 @gluon.jit
 def _gluon_attention_fwd(
-    q_desc, k_desc, v_desc, Out, Lse, Verdicts, Entries, Counts, Bits, Stats,
+    q_desc, k_desc, v_desc, Out, Lse, Verdicts, Entries, Counts,
     stride_ob, stride_os, stride_oh,
-    heads, seq_q, seq_k, k_tiles, groups, words,
+    heads, seq_q, seq_k, k_tiles, groups,
     qk_scale, threshold,
     STAGES: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr,
-    EVEN_N: gl.constexpr, PAIRS: gl.constexpr, VOTE_ATOMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    EVEN_N: gl.constexpr, PAIRS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -425,15 +400,15 @@ def _gluon_attention_fwd(
         [
             (_consumer_partition, (
                 0, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-                Out, Lse, entries_row, Verdicts + row * 2 * groups, Bits + row * words, Stats, count, b, h, pid_bh, q_row0,
+                Out, Lse, entries_row, Verdicts + row * 2 * groups, count, b, h, pid_bh, q_row0,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
-                USE_LIST, MARK, WRITE_LSE, EVEN_N, PAIRS, VOTE_ATOMIC,
+                USE_LIST, MARK, WRITE_LSE, EVEN_N, PAIRS,
             )),
             (_consumer_partition, (
                 1, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-                Out, Lse, entries_row, Verdicts + (row * 2 + 1) * groups, Bits + row * words, Stats, count, b, h, pid_bh, q_row0,
+                Out, Lse, entries_row, Verdicts + (row * 2 + 1) * groups, count, b, h, pid_bh, q_row0,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
-                USE_LIST, MARK, WRITE_LSE, EVEN_N, PAIRS, VOTE_ATOMIC,
+                USE_LIST, MARK, WRITE_LSE, EVEN_N, PAIRS,
             )),
             (_load_partition, (
                 q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
@@ -445,11 +420,11 @@ def _gluon_attention_fwd(
     )
 
 
-def stages_for(block_n: int, head_dim: int, itemsize: int = 2, most: int = 4) -> int:
-    """Deepest K/V ring (at most ``most``) that fits next to Q's two halves in shared memory."""
+def stages_for(block_n: int, head_dim: int, itemsize: int = 2) -> int:
+    """Deepest K/V ring (at most 6) that fits next to Q's two halves in shared memory."""
     q_bytes = 2 * HALF_M.value * head_dim * itemsize
     stage_bytes = 2 * block_n * head_dim * itemsize
-    return max(0, min(most, (SMEM_BYTES - q_bytes) // stage_bytes))
+    return max(0, min(6, (SMEM_BYTES - q_bytes) // stage_bytes))
 
 
 def pairs_fit(block_n: int, head_dim: int) -> bool:
@@ -458,15 +433,18 @@ def pairs_fit(block_n: int, head_dim: int) -> bool:
     return block_n == 64 and head_dim <= 128
 
 
-def gluon_supported(q: torch.Tensor, geometry: TileGeometry) -> bool:
-    """Whether the Gluon kernel runs this call: sm_90, 128-row q-tiles, a K/V ring of two or more.
-    LITEATTENTION_GLUON=0 in the environment keeps every call on the portable Triton kernel."""
+def gluon_supported(q: torch.Tensor, geometry: TileGeometry, head_dim: int) -> bool:
+    """Whether the Gluon kernel runs this call: on sm_90, for the tile shapes and (padded) head
+    dim where it measured faster than the portable kernel (128-row q-tiles, 64- or 128-key
+    k-tiles, head dim 128; docs/performance.md). LITEATTENTION_GLUON=0 in the environment keeps
+    every call on the portable kernel."""
     return (
         os.environ.get("LITEATTENTION_GLUON", "1") != "0"
         and q.is_cuda
         and torch.cuda.get_device_capability(q.device) == (9, 0)
         and geometry.block_m == 2 * HALF_M.value
-        and stages_for(geometry.block_n, q.shape[3], q.element_size()) >= 2
+        and geometry.block_n in (64, 128)
+        and head_dim == 128
     )
 
 
@@ -492,7 +470,6 @@ def gluon_forward(
     return_lse: bool,
     stages: int | None = None,
     pairs: bool | None = None,
-    vote_atomic: bool = False,
     consumer_regs: int = 232,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the Gluon kernel (then, when marking, the pass that applies the verdicts);
@@ -514,15 +491,17 @@ def gluon_forward(
     pairs = pairs_fit(bn, head_dim) if pairs is None else pairs
     _gluon_attention_fwd[(geometry.q_tiles, batch * heads)](
         _descriptor(q, HALF_M.value), _descriptor(k, bn), _descriptor(v, bn),
-        out, lse if lse is not None else dummy, verdicts, entries, counts, bits if mark else dummy, stats,
+        out, lse if lse is not None else dummy, verdicts, entries, counts,
         out.stride(0), out.stride(1), out.stride(2),
-        heads, seq_q, k.shape[1], geometry.k_tiles, groups, geometry.words,
+        heads, seq_q, k.shape[1], geometry.k_tiles, groups,
         scale * LOG2E, threshold if mark else 0.0,
         STAGES=stages, USE_LIST=work is not None, MARK=mark, WRITE_LSE=return_lse,
-        EVEN_N=k.shape[1] % bn == 0, PAIRS=pairs, VOTE_ATOMIC=vote_atomic, CONSUMER_REGS=consumer_regs,
+        EVEN_N=k.shape[1] % bn == 0, PAIRS=pairs, CONSUMER_REGS=consumer_regs,
+        # 4 + 4 + 1 warps occupy three warpgroups: 12 x 32 threads x 168 registers fit the 64K
+        # register file; the producer then gives its registers up to the two consumers.
         num_warps=4, maxnreg=168,
     )
-    if mark and not vote_atomic:
+    if mark:
         _apply_verdicts[(rows,)](
             verdicts, entries, counts, bits, stats, geometry.k_tiles, geometry.words, groups, GROUP_SIZE=GROUP.value,
         )
