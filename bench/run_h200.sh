@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call on the H200: full-size kernel tests, the benchmark, and the demo on the GPU.
-# Usage (repo root, diffusers importable): OUT=results bash bench/run_h200.sh
+# Usage (repo root, diffusers importable by python3; on the lent H200, which has no network:
+# python3 -m pip install --no-deps <diffusers and importlib_metadata wheels>):
+#   OUT=results bash bench/run_h200.sh
 # Each step has its own time limit (555 s in all, under the 600 s a device call may run), so a
 # cut-short run still returns what finished.
 set -u
