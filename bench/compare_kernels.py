@@ -1,9 +1,9 @@
 """The Gluon (sm_90) kernel against the portable Triton kernel and cuDNN, side by side on one GPU.
 
 For each shape: dense mode, a first step (marking on, nothing skipped yet) and random skipping at
-50% and 90%, for the Triton kernel and Gluon variants (one or two tiles per step, K/V ring depth);
-outputs are cross-checked (values against cuDNN, marks and
-statistics against the Triton kernel) before anything is timed.
+50% and 90%, for the Triton kernel and Gluon variants (one or two tiles per step, K/V ring depth).
+Outputs are cross-checked before anything is timed: values against cuDNN, marks and statistics
+against the Triton kernel.
 Usage: PYTHONPATH=src python bench/compare_kernels.py [--shapes 1,40,32760,128;1,32,16384,64]
 """
 

@@ -35,7 +35,7 @@ signature = {
 }
 constexprs = {
     "STAGES": gf.stages_for(block_n, head_dim), "USE_LIST": bool(use_list), "MARK": bool(mark),
-    "WRITE_LSE": bool(lse), "EVEN_N": bool(even_n), "PAIRS": gf.pairs_fit(block_n, head_dim), "CONSUMER_REGS": 232,
+    "WRITE_LSE": bool(lse), "EVEN_N": bool(even_n), "PAIRS": gf.pairs_fit(block_n, head_dim),
 }
 signature.update({name: "constexpr" for name in constexprs})
 source = GluonASTSource(fn=gf._gluon_attention_fwd, signature=signature, constexprs=constexprs)

@@ -46,6 +46,10 @@ HALF_M: gl.constexpr = gl.constexpr(64)
 GROUP: gl.constexpr = gl.constexpr(64)
 # Shared memory per block on sm_90, minus headroom for the barriers.
 SMEM_BYTES = 227 * 1024 - 1024
+# Registers per thread asked for the second consumer warpgroup and the producer warpgroup; the
+# first consumer gets what is left of the 168 per thread x 12 warps the kernel is launched with.
+CONSUMER_REGS: gl.constexpr = gl.constexpr(232)
+PRODUCER_REGS: gl.constexpr = gl.constexpr(24)
 
 
 @gluon.jit
@@ -367,7 +371,7 @@ def _gluon_attention_fwd(
     heads, seq_q, seq_k, k_tiles, groups,
     qk_scale, threshold,
     STAGES: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr,
-    EVEN_N: gl.constexpr, PAIRS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    EVEN_N: gl.constexpr, PAIRS: gl.constexpr,
 ):
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -416,7 +420,7 @@ def _gluon_attention_fwd(
             )),
         ],
         [4, 1],
-        [CONSUMER_REGS, 24],
+        [CONSUMER_REGS, PRODUCER_REGS],
     )
 
 
@@ -470,10 +474,10 @@ def gluon_forward(
     return_lse: bool,
     stages: int | None = None,
     pairs: bool | None = None,
-    consumer_regs: int = 232,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the Gluon kernel (then, when marking, the pass that applies the verdicts);
-    arguments as for :func:`triton_forward.triton_forward`."""
+    arguments as for :func:`triton_forward.triton_forward`. ``stages`` (K/V ring depth) and
+    ``pairs`` (two 64-key tiles per step) override the defaults, for measurements."""
     batch, seq_q, heads, head_dim = q.shape
     mark = bits is not None and threshold != -math.inf
     if mark and work is None:
@@ -496,7 +500,7 @@ def gluon_forward(
         heads, seq_q, k.shape[1], geometry.k_tiles, groups,
         scale * LOG2E, threshold if mark else 0.0,
         STAGES=stages, USE_LIST=work is not None, MARK=mark, WRITE_LSE=return_lse,
-        EVEN_N=k.shape[1] % bn == 0, PAIRS=pairs, CONSUMER_REGS=consumer_regs,
+        EVEN_N=k.shape[1] % bn == 0, PAIRS=pairs,
         # 4 + 4 + 1 warps occupy three warpgroups: 12 x 32 threads x 168 registers fit the 64K
         # register file; the producer then gives its registers up to the two consumers.
         num_warps=4, maxnreg=168,
