@@ -157,9 +157,18 @@ def _kernel_layout(t: torch.Tensor, head_dim: int) -> torch.Tensor:
     return t if addressable else t.contiguous()
 
 
+def _gluon_kernels():
+    """The sm_90 Gluon kernel module, or None where this Triton lacks the experimental Gluon API
+    it is written against (then the portable kernel runs everywhere)."""
+    try:
+        from .kernels import gluon_forward
+    except ImportError:
+        return None
+    return gluon_forward
+
+
 def _triton_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, return_lse):
     from .kernels.triton_forward import STATS, plan_work, triton_forward
-    from .kernels.gluon_forward import gluon_forward, gluon_supported
 
     batch, _, heads, head_dim = q.shape
     kernel_dim = max(16, 1 << (head_dim - 1).bit_length())
@@ -170,7 +179,8 @@ def _triton_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip,
         bits = state.bits if state is not None else torch.zeros(batch, heads, geometry.q_tiles, geometry.words, dtype=torch.int32, device=q.device)
         do_words, skip_words = range_words(geometry, must_do, must_skip, q.device)
         work = plan_work(bits, do_words, skip_words, geometry, stats)
-    forward = gluon_forward if gluon_supported(q, geometry, kernel_dim) else triton_forward
+    gluon = _gluon_kernels()
+    forward = gluon.gluon_forward if gluon is not None and gluon.gluon_supported(q, geometry, kernel_dim) else triton_forward
     out, lse = forward(
         q, k, v, geometry, scale=scale, threshold=threshold,
         bits=state.bits if state is not None else None, work=work, stats=stats, return_lse=return_lse,

@@ -441,9 +441,11 @@ def gluon_supported(q: torch.Tensor, geometry: TileGeometry, head_dim: int) -> b
     """Whether the Gluon kernel runs this call: on sm_90, for the tile shapes and (padded) head
     dim where it measured faster than the portable kernel (128-row q-tiles, 64- or 128-key
     k-tiles, head dim 128; docs/performance.md). LITEATTENTION_GLUON=0 in the environment keeps
-    every call on the portable kernel."""
+    every call on the portable kernel, as does a Triton other than 3.6 (Gluon is experimental and
+    its API changes between releases)."""
     return (
         os.environ.get("LITEATTENTION_GLUON", "1") != "0"
+        and triton.__version__.startswith("3.6.")
         and q.is_cuda
         and torch.cuda.get_device_capability(q.device) == (9, 0)
         and geometry.block_m == 2 * HALF_M.value
