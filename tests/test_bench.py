@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from liteattention.bench import SPARSITIES, BenchRow, make_mask, markdown_table, plot, run_bench, summarize
-from liteattention.cli import build_parser
+from liteattention.cli import build_parser, main
 from liteattention.state import TileGeometry
 
 GEOMETRY = TileGeometry(4096, 4096, 128, 64)
@@ -56,3 +56,18 @@ def test_cli_and_argument_checks():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
             run_bench(["ltx"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shapes", "wan14b-480p,sdxl"], "--shapes: unknown ['sdxl']"),
+        (["--patterns", "stripes"], "--patterns: expected names from random,banded"),
+        (["--sparsities", "0.5,1"], "--sparsities: each must lie in [0, 1)"),
+    ],
+)
+def test_cli_bench_bad_options_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv])
+    assert exit_info.value.code == 2  # argparse's usage error, before any GPU work
+    assert message in capsys.readouterr().err

@@ -243,6 +243,19 @@ def plot(rows: list[BenchRow], path: Path) -> None:
     plt.close(fig)
 
 
+def check_bench_args(shapes: Sequence[str], sparsities: Sequence[float], patterns: Sequence[str]) -> None:
+    """Raise a ValueError naming the option whose value the benchmark cannot run."""
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown or not shapes:
+        raise ValueError(f"--shapes: unknown {unknown or 'empty list'}; choose from {','.join(SHAPES)}")
+    for p in patterns:
+        if p not in PATTERNS:
+            raise ValueError(f"--patterns: expected names from {','.join(PATTERNS)}, got {p!r}")
+    for s in sparsities:
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"--sparsities: each must lie in [0, 1), got {s}")
+
+
 def run_bench(
     shapes: Sequence[str],
     sparsities: Sequence[float] = SPARSITIES,
@@ -251,17 +264,9 @@ def run_bench(
     flex: bool = True,
 ) -> list[BenchRow]:
     """Benchmark the named shapes; write bench.json and bench.png into ``out`` if given."""
+    check_bench_args(shapes, sparsities, patterns)
     if not torch.cuda.is_available():
         raise RuntimeError("the benchmark needs a CUDA GPU")
-    unknown = [s for s in shapes if s not in SHAPES]
-    if unknown:
-        raise ValueError(f"unknown shapes {unknown}; choose from {sorted(SHAPES)}")
-    for p in patterns:
-        if p not in PATTERNS:
-            raise ValueError(f"pattern must be one of {PATTERNS}, got {p!r}")
-    for s in sparsities:
-        if not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsities must lie in [0, 1), got {s}")
     rows: list[BenchRow] = []
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": __import__("triton").__version__}
     for name in shapes:

@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="GPU benchmark: LiteAttention vs cuDNN/flash SDPA vs FlexAttention")
+    bench.set_defaults(command_parser=bench)
     bench.add_argument("--shapes", type=_names, default=list(SHAPES), help=f"comma-separated, from {','.join(SHAPES)}")
     bench.add_argument("--sparsities", type=_floats, default=list(SPARSITIES), help="comma-separated skipped fractions")
     bench.add_argument("--patterns", type=_names, default=list(PATTERNS), help=f"comma-separated, from {','.join(PATTERNS)}")
@@ -108,8 +109,16 @@ def _config(parser: argparse.ArgumentParser, config_type: type[Config], args: ar
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
-        from .bench import run_bench
+        from .bench import check_bench_args, run_bench
 
+        try:
+            check_bench_args(args.shapes, args.sparsities, args.patterns)
+        except ValueError as error:  # the message names the option
+            args.command_parser.error(str(error))
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("liteattention bench: the benchmark needs a CUDA GPU")
         run_bench(args.shapes, args.sparsities, args.patterns, out=args.out, flex=not args.no_flex)
     elif args.command in ("demo", "coherence"):
         _run_sampling_command(args)
