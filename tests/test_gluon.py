@@ -13,7 +13,7 @@ import torch
 import triton
 
 from conftest import DEVICE
-from liteattention.kernels.gluon_forward import GROUP, _apply_verdicts, gluon_supported
+from liteattention.kernels.gluon_forward import GROUP, _apply_verdicts, gluon_forward, gluon_supported
 from liteattention.state import TileGeometry
 
 COMPILE = """
@@ -104,3 +104,13 @@ def test_apply_verdicts_marks_tiles_negligible_for_both_halves():
 def test_gluon_kernel_not_chosen_off_hopper():
     q = torch.zeros(1, 128, 1, 128)
     assert not gluon_supported(q, TileGeometry(128, 128, 128, 64), 128)
+
+
+@pytest.mark.parametrize("pairs, stages", [(True, 3), (False, 1), (False, 7)])
+def test_ring_too_small_or_too_large_is_refused(pairs, stages):
+    q = torch.zeros(1, 256, 1, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="stages: expected"):
+        gluon_forward(
+            q, q, q, TileGeometry(256, 256, 128, 64), scale=1.0, threshold=-10.0, bits=None, work=None,
+            stats=torch.zeros(3, dtype=torch.int64), return_lse=False, stages=stages, pairs=pairs,
+        )

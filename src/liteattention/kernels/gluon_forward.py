@@ -495,6 +495,13 @@ def gluon_forward(
     bn = geometry.block_n
     stages = stages or stages_for(bn, head_dim, q.element_size())
     pairs = pairs_fit(bn, head_dim) if pairs is None else pairs
+    # A step holds the buffers of the tiles whose QK^T and PV are in flight (2, or 4 with pairs);
+    # a smaller ring would wait forever for a buffer it holds itself.
+    if stages < (4 if pairs else 2) or stages > stages_for(bn, head_dim, q.element_size()):
+        raise ValueError(
+            f"stages: expected {4 if pairs else 2} to {stages_for(bn, head_dim, q.element_size())} for "
+            f"{'two tiles' if pairs else 'one tile'} per step at block_n={bn}, head_dim={head_dim}; got {stages}"
+        )
     _gluon_attention_fwd[(geometry.q_tiles, batch * heads)](
         _descriptor(q, HALF_M.value), _descriptor(k, bn), _descriptor(v, bn),
         out, lse if lse is not None else dummy, verdicts, entries, counts,
