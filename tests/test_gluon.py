@@ -14,7 +14,7 @@ import triton
 
 from conftest import DEVICE
 from liteattention.kernels.gluon_forward import GROUP, _apply_verdicts, gluon_forward, gluon_supported
-from liteattention.state import TileGeometry
+from liteattention.state import TileGeometry, pack_bits
 
 COMPILE = """
 import sys, triton
@@ -34,7 +34,7 @@ signature = {
     "qk_scale": "fp32", "threshold": "fp32",
 }
 constexprs = {
-    "STAGES": gf.stages_for(block_n, head_dim), "USE_LIST": bool(use_list), "MARK": bool(mark),
+    "STAGES": gf.default_stages(block_n, head_dim), "USE_LIST": bool(use_list), "MARK": bool(mark),
     "WRITE_LSE": bool(lse), "EVEN_N": bool(even_n), "PAIRS": gf.pairs_fit(block_n, head_dim),
 }
 signature.update({name: "constexpr" for name in constexprs})
@@ -46,8 +46,8 @@ open(sys.argv[7], "w").write(kernel.asm["ptx"])
 
 @pytest.mark.parametrize(
     "head_dim, block_n, use_list, mark, even_n, lse",
-    [(128, 64, 1, 1, 0, 1), (128, 128, 0, 0, 1, 0)],
-    ids=["pairs-marking-partial-lse", "single-dense"],
+    [(128, 64, 1, 1, 0, 1), (128, 128, 1, 1, 1, 0), (64, 128, 0, 0, 1, 0)],
+    ids=["pairs-marking-partial-lse", "single-marking", "single-dense-d64"],
 )
 def test_compiles_for_sm90_without_spills(tmp_path: Path, head_dim, block_n, use_list, mark, even_n, lse):
     # A fresh process: the compiler must see the real @gluon.jit functions, not the interpreter's.
@@ -101,7 +101,7 @@ def test_apply_verdicts_marks_tiles_negligible_for_both_halves():
     assert args[4].cpu().tolist() == [0, 0, newly]
 
 
-def test_gluon_kernel_not_chosen_off_hopper():
+def test_gluon_kernel_not_chosen_for_cpu_tensors():
     q = torch.zeros(1, 128, 1, 128)
     assert not gluon_supported(q, TileGeometry(128, 128, 128, 64), 128)
 
@@ -114,3 +114,50 @@ def test_ring_too_small_or_too_large_is_refused(pairs, stages):
             q, q, q, TileGeometry(256, 256, 128, 64), scale=1.0, threshold=-10.0, bits=None, work=None,
             stats=torch.zeros(3, dtype=torch.int64), return_lse=False, stages=stages, pairs=pairs,
         )
+
+
+ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on sm_90 only")
+@pytest.mark.parametrize("block_n, head_dim", [(64, 128), (128, 128), (128, 64)])
+@pytest.mark.parametrize(
+    "seq_q, seq_k, must_do, must_skip, marked",
+    [
+        (1000, 1000, (), (), 0.0),  # partial last q-tile and k-tile
+        (300, 2100, ((0, 77),), (), 0.5),  # Sq != Sk, must-do keys inside the first tile
+        (640, 4096, ((4000, 4096),), ((0, 256),), 0.97),  # near-full mask: 1 to 6 tiles per row
+    ],
+)
+def test_gluon_matches_portable_kernel(block_n, head_dim, seq_q, seq_k, must_do, must_skip, marked):
+    """Output, LSE, marks and statistics of the Gluon kernel equal the portable kernel's (which the
+    semantics tests hold to the reference) on the cases those tests reach only at small tiles."""
+    from liteattention.kernels import triton_forward as tf
+    from liteattention.plan import range_words
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batch, heads = 2, 3
+    q = 2 * torch.randn(batch, seq_q, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(batch, seq_k, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    # Weak keys in the second half: every row finds their tiles far below a strong tile's maximum
+    # (gap about -7 against a threshold of -1), so they are marked with a wide margin whenever a
+    # strong tile was visited first.
+    k[:, seq_k // 2 :] *= 0.05
+    geometry = TileGeometry(seq_q, seq_k, 128, block_n)
+    do_words, skip_words = range_words(geometry, must_do, must_skip, q.device)
+    mask = torch.rand(batch, heads, geometry.q_tiles, geometry.k_tiles, device="cuda", generator=gen) < marked
+    start = pack_bits(mask)
+    results = []
+    for forward in (tf.triton_forward, gluon_forward):
+        bits, stats = start.clone(), torch.zeros(3, dtype=torch.int64, device="cuda")
+        work = tf.plan_work(bits, do_words, skip_words, geometry, stats)
+        out, lse = forward(q, k, v, geometry, scale=head_dim**-0.5, threshold=-1.0, bits=bits, work=work, stats=stats, return_lse=True)
+        results.append((out.float(), lse, bits, stats))
+    (out_t, lse_t, bits_t, stats_t), (out_g, lse_g, bits_g, stats_g) = results
+    assert torch.equal(bits_g, bits_t) and torch.equal(stats_g, stats_t)
+    assert stats_t[2] > 0  # the case does mark (checked with the portable kernel on the CPU)
+    computed = torch.isfinite(lse_t)  # rows with no computed key are NaN in both
+    assert torch.equal(computed, torch.isfinite(lse_g))
+    torch.testing.assert_close(lse_g[computed], lse_t[computed], atol=2e-3, rtol=0)
+    rows = computed.transpose(1, 2)  # (B, Sq, H), like the output's leading dims
+    torch.testing.assert_close(out_g[rows], out_t[rows], atol=2e-2, rtol=2e-2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -157,6 +158,7 @@ def _kernel_layout(t: torch.Tensor, head_dim: int) -> torch.Tensor:
     return t if addressable else t.contiguous()
 
 
+@functools.cache
 def _gluon_kernels():
     """The sm_90 Gluon kernel module, or None where this Triton lacks the experimental Gluon API
     it is written against (then the portable kernel runs everywhere)."""

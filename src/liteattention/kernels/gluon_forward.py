@@ -9,8 +9,8 @@ scheduled the way FlashAttention-3 schedules Hopper, which Triton's own pipeline
 - inside a consumer, QK^T of the next visited tiles and PV of the previous ones are issued back
   to back as asynchronous wgmma, and the softmax runs while PV is still on the tensor cores;
 - with 64-key tiles, two tiles make one step (one softmax update and one rescale of the output
-  accumulator per 128 keys), so marking keeps its 64-key granularity at the cost of the larger
-  tile's overheads.
+  accumulator per 128 keys): the per-step overheads of a 128-key tile, with marking still at
+  64-key granularity.
 
 Marking needs every row of the q-tile, but the rows are split over two warpgroups: each consumer
 reduces its rows' verdict bits once per GROUP tiles into one word and stores it (no atomics, no
@@ -437,20 +437,26 @@ def pairs_fit(block_n: int, head_dim: int) -> bool:
     return block_n == 64 and head_dim <= 128
 
 
+def default_stages(block_n: int, head_dim: int, itemsize: int = 2) -> int:
+    """The ring depth measured best: 6 with two tiles per step (4 leaves too little prefetch),
+    3 with one (2 to 4 measured within noise of each other)."""
+    return min(6 if pairs_fit(block_n, head_dim) else 3, stages_for(block_n, head_dim, itemsize))
+
+
 def gluon_supported(q: torch.Tensor, geometry: TileGeometry, head_dim: int) -> bool:
     """Whether the Gluon kernel runs this call: on sm_90, for the tile shapes and (padded) head
-    dim where it measured faster than the portable kernel (128-row q-tiles, 64- or 128-key
-    k-tiles, head dim 128; docs/performance.md). LITEATTENTION_GLUON=0 in the environment keeps
-    every call on the portable kernel, as does a Triton other than 3.6 (Gluon is experimental and
-    its API changes between releases)."""
+    dims where it measured faster than the portable kernel (docs/performance.md): 128-row q-tiles
+    with 64- or 128-key k-tiles at head dim 128, and with 128-key k-tiles at head dim 64 (with
+    64-key tiles there the portable kernel is faster). LITEATTENTION_GLUON=0 in the environment
+    keeps every call on the portable kernel, as does a Triton other than 3.6 (Gluon is
+    experimental and its API changes between releases)."""
     return (
         os.environ.get("LITEATTENTION_GLUON", "1") != "0"
         and triton.__version__.startswith("3.6.")
         and q.is_cuda
         and torch.cuda.get_device_capability(q.device) == (9, 0)
         and geometry.block_m == 2 * HALF_M.value
-        and geometry.block_n in (64, 128)
-        and head_dim == 128
+        and (geometry.block_n, head_dim) in ((64, 128), (128, 128), (128, 64))
     )
 
 
@@ -493,8 +499,8 @@ def gluon_forward(
     # Per-call scratch: each consumer's verdict words, one int64 per GROUP visited tiles.
     verdicts = torch.empty(rows, 2, groups, dtype=torch.int64, device=q.device) if mark else dummy
     bn = geometry.block_n
-    stages = stages or stages_for(bn, head_dim, q.element_size())
     pairs = pairs_fit(bn, head_dim) if pairs is None else pairs
+    stages = stages or default_stages(bn, head_dim, q.element_size())
     # A step holds the buffers of the tiles whose QK^T and PV are in flight (2, or 4 with pairs);
     # a smaller ring would wait forever for a buffer it holds itself.
     if stages < (4 if pairs else 2) or stages > stages_for(bn, head_dim, q.element_size()):
