@@ -20,7 +20,6 @@ negligible, one program per row.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -38,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..state import TileGeometry
-from .triton_forward import LOG2E
+from .triton_forward import LOG2E, launch_buffers
 
 # Rows of the q-tile per consumer warpgroup (one wgmma M extent); the q-tile has two halves.
 HALF_M: gl.constexpr = gl.constexpr(64)
@@ -55,6 +54,12 @@ PRODUCER_REGS: gl.constexpr = gl.constexpr(24)
 @gluon.jit
 def _and(a, b):
     return a & b
+
+
+@gluon.jit
+def _tile_of(entry):
+    """The k-tile of a work-list entry (kt, or -(kt + 1) for a must-do tile)."""
+    return gl.where(entry >= 0, entry, -entry - 1)
 
 
 @gluon.jit
@@ -76,8 +81,7 @@ def _load_partition(
     for i in range(count):
         stage = i % STAGES
         if USE_LIST:
-            entry = gl.load(entries_row + i)
-            kt = gl.where(entry >= 0, entry, -entry - 1)
+            kt = _tile_of(gl.load(entries_row + i))
         else:
             kt = i
         # Wait until both consumers released the buffers' previous tile (the first round passes).
@@ -98,8 +102,7 @@ def _scores(s, entries_row, i, seq_k, qk_scale, USE_LIST: gl.constexpr, EVEN_N: 
     else:
         BLOCK_N: gl.constexpr = s.type.shape[1]
         if USE_LIST:
-            entry = gl.load(entries_row + i)
-            kt = gl.where(entry >= 0, entry, -entry - 1)
+            kt = _tile_of(gl.load(entries_row + i))
         else:
             kt = i
         offs_n = kt * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
@@ -193,7 +196,8 @@ def _consume_single(
     entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
     USE_LIST: gl.constexpr, MARK: gl.constexpr, EVEN_N: gl.constexpr,
 ):
-    """Visited tiles one per step: QK^T of tile i and PV of tile i-1 in flight together."""
+    """Visited tiles one per step: QK^T of tile i and PV of tile i-1 in flight together. Returns
+    the running max, sum and output, and the verdict bits of the last group (not yet stored)."""
     dtype: gl.constexpr = k_bufs.dtype
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
@@ -222,10 +226,7 @@ def _consume_single(
     acc = _issue_pv(p_op, v_bufs, v_ready, count - 1, acc)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
     _release(kv_empty, count - 1, 1)
-    if MARK:
-        if (count - 1) % GROUP != GROUP - 1:
-            _store_verdict(row_bits, (count - 1) // GROUP, verdicts_row)
-    return m_i, l_i, acc
+    return m_i, l_i, acc, row_bits
 
 
 @gluon.jit
@@ -236,7 +237,8 @@ def _consume_pairs(
 ):
     """Visited tiles two per step (j, j + 1): one softmax update and one acc rescale per pair,
     with QK^T of the pair and PV of the previous pair in flight together. A single tile is
-    left over when count is odd (and is all there is when count is 1)."""
+    left over when count is odd (and is all there is when count is 1). Returns as
+    :func:`_consume_single` does."""
     dtype: gl.constexpr = k_bufs.dtype
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
@@ -304,10 +306,7 @@ def _consume_pairs(
             acc = _issue_pv(p1_op, v_bufs, v_ready, last_pair + 1, acc)
             acc, p0_op, p1_op = warpgroup_mma_wait(0, deps=(acc, p0_op, p1_op))
             _release(kv_empty, last_pair, 2)
-    if MARK:
-        if (count - 1) % GROUP != GROUP - 1:
-            _store_verdict(row_bits, (count - 1) // GROUP, verdicts_row)
-    return m_i, l_i, acc
+    return m_i, l_i, acc, row_bits
 
 
 @gluon.jit
@@ -337,17 +336,21 @@ def _consumer_partition(
         q = q_smem.index(half)
         mbarrier.wait(q_bars.index(half), 0)
         if PAIRS:
-            m_i, l_i, acc = _consume_pairs(
+            m_i, l_i, acc, row_bits = _consume_pairs(
                 q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
                 entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
                 USE_LIST, MARK, EVEN_N,
             )
         else:
-            m_i, l_i, acc = _consume_single(
+            m_i, l_i, acc, row_bits = _consume_single(
                 q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
                 entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
                 USE_LIST, MARK, EVEN_N,
             )
+        # The last group's word, unless the loop stored it on its last tile.
+        if MARK:
+            if (count - 1) % GROUP != GROUP - 1:
+                _store_verdict(row_bits, (count - 1) // GROUP, verdicts_row)
 
     out = acc / gl.convert_layout(l_i, o_rows)[:, None]
     offs_m = first_row + gl.arange(0, HALF_M, layout=o_rows)
@@ -487,13 +490,7 @@ def gluon_forward(
     arguments as for :func:`triton_forward.triton_forward`. ``stages`` (K/V ring depth) and
     ``pairs`` (two 64-key tiles per step) override the defaults, for measurements."""
     batch, seq_q, heads, head_dim = q.shape
-    mark = bits is not None and threshold != -math.inf
-    if mark and work is None:
-        raise ValueError("marking needs a work list")
-    out = torch.empty_like(q)
-    lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device) if return_lse else None
-    dummy = torch.empty(1, dtype=torch.int32, device=q.device)
-    entries, counts = work if work is not None else (dummy, dummy)
+    mark, out, lse, dummy, entries, counts = launch_buffers(q, threshold, bits, work, return_lse)
     rows = batch * heads * geometry.q_tiles
     groups = triton.cdiv(geometry.k_tiles, GROUP.value)
     # Per-call scratch: each consumer's verdict words, one int64 per GROUP visited tiles.
@@ -503,9 +500,10 @@ def gluon_forward(
     stages = stages or default_stages(bn, head_dim, q.element_size())
     # A step holds the buffers of the tiles whose QK^T and PV are in flight (2, or 4 with pairs);
     # a smaller ring would wait forever for a buffer it holds itself.
-    if stages < (4 if pairs else 2) or stages > stages_for(bn, head_dim, q.element_size()):
+    fits = stages_for(bn, head_dim, q.element_size())
+    if stages < (4 if pairs else 2) or stages > fits:
         raise ValueError(
-            f"stages: expected {4 if pairs else 2} to {stages_for(bn, head_dim, q.element_size())} for "
+            f"stages: expected {4 if pairs else 2} to {fits} for "
             f"{'two tiles' if pairs else 'one tile'} per step at block_n={bn}, head_dim={head_dim}; got {stages}"
         )
     _gluon_attention_fwd[(geometry.q_tiles, batch * heads)](

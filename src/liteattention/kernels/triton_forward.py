@@ -245,6 +245,27 @@ def plan_work(
     return entries, counts
 
 
+def launch_buffers(
+    q: torch.Tensor,
+    threshold: float,
+    bits: torch.Tensor | None,
+    work: tuple[torch.Tensor, torch.Tensor] | None,
+    return_lse: bool,
+) -> tuple[bool, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every forward launcher sets up: whether the call marks, the output, the LSE (or None),
+    a one-element placeholder for pointer arguments a launch does not use, and the work list's
+    (entries, counts) (placeholders without a list)."""
+    batch, seq_q, heads, _ = q.shape
+    mark = bits is not None and threshold != -math.inf
+    if mark and work is None:
+        raise ValueError("marking needs a work list")
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device) if return_lse else None
+    dummy = torch.empty(1, dtype=torch.int32, device=q.device)
+    entries, counts = work if work is not None else (dummy, dummy)
+    return mark, out, lse, dummy, entries, counts
+
+
 def triton_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -268,13 +289,7 @@ def triton_forward(
     batch, seq_q, heads, head_dim = q.shape
     if head_dim & (head_dim - 1) or head_dim < 16:
         raise ValueError(f"the kernel takes a power-of-two head_dim >= 16 (pad first), got {head_dim}")
-    mark = bits is not None and threshold != -math.inf
-    if mark and work is None:
-        raise ValueError("marking needs a work list")
-    out = torch.empty_like(q)
-    lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device) if return_lse else None
-    dummy = torch.empty(1, dtype=torch.int32, device=q.device)
-    entries, counts = work if work is not None else (dummy, dummy)
+    mark, out, lse, dummy, entries, counts = launch_buffers(q, threshold, bits, work, return_lse)
     bm, bn = geometry.block_m, geometry.block_n
     num_warps, num_stages = config or launch_config(bm, bn, head_dim, work is not None)
     _lite_attention_fwd[(geometry.q_tiles, batch * heads)](
