@@ -3,20 +3,21 @@
 # Usage (repo root, diffusers importable by python3; on the lent H200, which has no network:
 # python3 -m pip install --no-deps <diffusers and importlib_metadata wheels>):
 #   OUT=results bash bench/run_h200.sh
-# Each step has its own time limit (555 s in all, under the 600 s a device call may run), so a
+# Each step has its own time limit (580 s in all, under the 600 s a device call may run), so a
 # cut-short run still returns what finished.
 set -u
 OUT=${OUT:-h200-results}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/run.log"
-LITEATTENTION_FULL=1 timeout 120 python3 -m pytest tests/test_semantics.py -q -k triton -p no:cacheprovider 2>&1 \
-    | tail -12 | tee "$OUT/tests.log"
-timeout 200 python3 -m liteattention.cli bench --shapes wan14b-480p,ltx --out "$OUT/bench-main" 2>&1 \
+LITEATTENTION_FULL=1 timeout 170 python3 -m pytest tests/test_semantics.py tests/test_gluon.py tests/test_bench.py -q \
+    -k "triton or gluon or interleaved" -p no:cacheprovider 2>&1 | tail -12 | tee "$OUT/tests.log"
+timeout 30 python3 bench/first_step_overhead.py --clock-log "$OUT/clocks.csv" 2>&1 | tee "$OUT/first-step.log"
+timeout 150 python3 -m liteattention.cli bench --shapes wan14b-480p,ltx --out "$OUT/bench-main" 2>&1 \
     | grep -v Warning | tee -a "$OUT/run.log" | tail -4
 timeout 45 python3 -m liteattention.cli demo --device cuda --out "$OUT/demo" 2>&1 | tr '\r' '\n' \
     | grep -v "it/s]$" | tee -a "$OUT/run.log" | tail -30
 tar -C "$OUT" -cf "$OUT/demo.tar" demo && rm -r "$OUT/demo"
-timeout 190 python3 -m liteattention.cli bench --shapes wan1.3b-480p,hunyuan,wan-720p --patterns random --out "$OUT/bench-more" 2>&1 \
+timeout 175 python3 -m liteattention.cli bench --shapes wan1.3b-480p,hunyuan,wan-720p --patterns random --out "$OUT/bench-more" 2>&1 \
     | grep -v Warning | tee -a "$OUT/run.log" | tail -4
 echo "total ${SECONDS} s" | tee -a "$OUT/run.log"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from liteattention.bench import SPARSITIES, BenchRow, make_mask, markdown_table, plot, run_bench, summarize
+from liteattention.bench import SPARSITIES, BenchRow, interleaved_ms, make_mask, markdown_table, plot, run_bench, summarize
 from liteattention.cli import build_parser, main
 from liteattention.state import TileGeometry
 
@@ -64,6 +64,7 @@ def test_cli_and_argument_checks():
         (["--shapes", "wan14b-480p,sdxl"], "--shapes: unknown ['sdxl']"),
         (["--patterns", "stripes"], "--patterns: expected names from random,banded"),
         (["--sparsities", "0.5,1"], "--sparsities: each must lie in [0, 1)"),
+        (["--rounds", "0"], "--rounds: expected at least 1, got 0"),
     ],
 )
 def test_cli_bench_bad_options_are_usage_errors(capsys, argv, message):
@@ -71,3 +72,22 @@ def test_cli_bench_bad_options_are_usage_errors(capsys, argv, message):
         main(["bench", *argv])
     assert exit_info.value.code == 2  # argparse's usage error, before any GPU work
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times with CUDA events")
+def test_interleaved_timing_gives_one_sample_per_round_and_case():
+    x = torch.randn(2048, 2048, device="cuda")
+    calls = {"one": 0, "two": 0}
+
+    def case(name, matmuls):
+        def call():
+            calls[name] += 1
+            for _ in range(matmuls):
+                x @ x
+
+        return call
+
+    times = interleaved_ms({"one": case("one", 1), "two": case("two", 2)}, rounds=4, sample_ms=1.0)
+    assert {name: len(ts) for name, ts in times.items()} == {"one": 4, "two": 4}
+    assert all(t > 0 for ts in times.values() for t in ts)
+    assert calls["one"] >= 4 + 4 and calls["two"] >= 4 + 4  # warm-up and estimate, then the samples

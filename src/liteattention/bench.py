@@ -2,14 +2,17 @@
 
 Every method runs in one process on the same inputs. Skip masks are injected into the state
 directly (random tiles, or a local band as in video attention), and FlexAttention gets a
-BlockMask that keeps exactly the tiles LiteAttention computes. Times are medians of
-``triton.testing.do_bench`` (which clears the L2 cache before each run); TFLOP/s are given for the
-dense-equivalent work (4 * B * H * Sq * Sk * D) and for the work actually done.
+BlockMask that keeps exactly the tiles LiteAttention computes. All cases of a shape are timed in
+interleaved rounds, in a fresh random order each round (a GPU under sustained load slows its
+clock, which would otherwise favour whatever runs first); times are medians over the rounds, L2
+cleared before each sample. TFLOP/s are given for the dense-equivalent work
+(4 * B * H * Sq * Sk * D) and for the work actually done.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,10 +100,50 @@ def _flex_block_mask(computed: torch.Tensor, geometry: TileGeometry):
     )
 
 
-def _time(fn: Callable[[], object]) -> float:
-    import triton
+def interleaved_ms(cases: dict[str, Callable[[], object]], rounds: int, sample_ms: float = 20.0, seed: int = 0) -> dict[str, list[float]]:
+    """Milliseconds per call of each case, one sample per round, the cases in a fresh random
+    order every round.
 
-    return float(triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median"))
+    Timing the cases one after another for a while each lets the GPU's clock (it slows down as
+    the card heats up under load) favour whichever case runs first; interleaving gives every
+    case the same mix of clock states, so ratios between cases hold. A sample is as many back to
+    back calls as fill about ``sample_ms``, timed with CUDA events after clearing the L2 cache
+    (so a sample starts cold, as a layer's attention does in a model).
+    """
+    import random
+
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    calls = {}
+    for name, fn in cases.items():  # warm-up (compilation, autotuning) and a per-call estimate
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        end.synchronize()
+        calls[name] = max(1, round(sample_ms / max(start.elapsed_time(end) / 3, 1e-3)))
+    order = list(cases)
+    shuffle = random.Random(seed).shuffle
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        shuffle(order)
+        events = []
+        for name in order:
+            flush.zero_()
+            # Keep the GPU busy while the host queues the sample's first call: the sample then
+            # times GPU work, not the Python overhead of a call (which differs between cases).
+            torch.cuda._sleep(1_000_000)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls[name]):
+                cases[name]()
+            end.record()
+            events.append((name, start, end))
+        torch.cuda.synchronize()
+        for name, start, end in events:
+            times[name].append(start.elapsed_time(end) / calls[name])
+    return times
 
 
 def bench_shape(
@@ -109,9 +152,13 @@ def bench_shape(
     patterns: Sequence[str] = PATTERNS,
     flex: bool = True,
     threshold: float = -10.0,
+    rounds: int = 15,
     log: Callable[[str], None] = print,
 ) -> list[BenchRow]:
-    """Time every method on one shape; returns one row per (method, pattern, sparsity)."""
+    """Time every method on one shape; returns one row per (method, pattern, sparsity).
+
+    All cases are built (and the two sparse implementations checked against each other) first,
+    then timed in interleaved rounds (:func:`interleaved_ms`); a row's time is the median."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -122,16 +169,18 @@ def bench_shape(
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, S, D) for SDPA / Flex
     must_do = (shape.seq, shape.tokens) if shape.text_tokens else None
     dense_flops = 4.0 * b * h * s * s * d
-    rows: list[BenchRow] = []
+    # (method, pattern, target sparsity, measured sparsity) -> the call to time
+    cases: dict[tuple[str, str, float, float], Callable[[], object]] = {}
 
-    def add(method: str, pattern: str, target: float, sparsity: float, fn: Callable[[], object]) -> float:
-        ms = _time(fn)
-        done = dense_flops * (1 - sparsity)
-        rows.append(BenchRow(shape.name, method, pattern, target, sparsity, ms, dense_flops / ms / 1e9, done / ms / 1e9))
-        log(f"{shape.name:>13} {method:>12} {pattern:>7} s={sparsity:5.3f} {ms:9.3f} ms {dense_flops / ms / 1e9:7.1f} TFLOP/s dense-eq")
-        return ms
+    def with_backend(backend, fn):
+        def call():
+            with sdpa_kernel(backend):
+                return fn()
 
-    add("ours-dense", "-", 0.0, 0.0, lambda: lite_attention(q, k, v, None, must_do=must_do))
+        return call
+
+    sdpa = lambda: F.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
+    cases[("ours-dense", "-", 0.0, 0.0)] = lambda: lite_attention(q, k, v, None, must_do=must_do)
     state = SkipState.for_inputs(q, k)
     geometry = state.geometry
 
@@ -139,17 +188,15 @@ def bench_shape(
         state.bits.zero_()  # every timed call is a first step: nothing marked yet
         lite_attention(q, k, v, state, threshold=threshold, must_do=must_do)
 
-    add("ours-first", "-", 0.0, 0.0, first_step)
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        add("sdpa-cudnn", "-", 0.0, 0.0, lambda: F.scaled_dot_product_attention(qt, kt, vt))
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        add("sdpa-flash", "-", 0.0, 0.0, lambda: F.scaled_dot_product_attention(qt, kt, vt))
+    cases[("ours-first", "-", 0.0, 0.0)] = first_step
+    cases[("sdpa-cudnn", "-", 0.0, 0.0)] = with_backend(SDPBackend.CUDNN_ATTENTION, sdpa)
+    cases[("sdpa-flash", "-", 0.0, 0.0)] = with_backend(SDPBackend.FLASH_ATTENTION, sdpa)
     flex_attention = None
     if flex:
         from torch.nn.attention.flex_attention import flex_attention as flex_eager
 
         flex_attention = torch.compile(flex_eager, dynamic=False)
-        add("flex-dense", "-", 0.0, 0.0, lambda: flex_attention(qt, kt, vt))
+        cases[("flex-dense", "-", 0.0, 0.0)] = lambda: flex_attention(qt, kt, vt)
 
     # Flex's kernel tiles must divide the BlockMask's blocks, which are LiteAttention's tiles.
     flex_tiles = {"BLOCK_M": geometry.block_m, "BLOCK_N": geometry.block_n}
@@ -161,20 +208,32 @@ def bench_shape(
             computed = build_plan(geometry, b, h, device, mask, (must_do,) if must_do else (), ()).computed
             sparsity = 1.0 - computed.float().mean().item()
 
-            def sparse_step():
+            def sparse_step(saved=saved):
                 state.bits.copy_(saved)
                 return lite_attention(q, k, v, state, threshold=threshold, must_do=must_do)
 
-            add("ours", pattern, target, sparsity, sparse_step)
+            cases[("ours", pattern, target, sparsity)] = sparse_step
             if flex_attention is not None:
                 block_mask = _flex_block_mask(computed, geometry)
+
+                def flex_step(block_mask=block_mask):
+                    return flex_attention(qt, kt, vt, block_mask=block_mask, kernel_options=flex_tiles)
+
                 # The two sparse implementations must compute the same function before they are compared.
-                out_flex = flex_attention(qt, kt, vt, block_mask=block_mask, kernel_options=flex_tiles)
-                out_ours = sparse_step()
+                out_flex, out_ours = flex_step(), sparse_step()
                 err = ((out_flex.transpose(1, 2).float() - out_ours.float()).norm() / out_flex.float().norm()).item()
                 if err > 2e-2:
                     raise RuntimeError(f"{shape.name} {pattern} s={target}: LiteAttention and FlexAttention disagree (rel err {err:.3g})")
-                add("flex", pattern, target, sparsity, lambda: flex_attention(qt, kt, vt, block_mask=block_mask, kernel_options=flex_tiles))
+                cases[("flex", pattern, target, sparsity)] = flex_step
+
+    times = interleaved_ms(cases, rounds)
+    rows: list[BenchRow] = []
+    for (method, pattern, target, sparsity), samples in times.items():
+        ms = statistics.median(samples)
+        done = dense_flops * (1 - sparsity)
+        rows.append(BenchRow(shape.name, method, pattern, target, sparsity, ms, dense_flops / ms / 1e9, done / ms / 1e9))
+        spread = (max(samples) - min(samples)) / ms
+        log(f"{shape.name:>13} {method:>12} {pattern:>7} s={sparsity:5.3f} {ms:9.3f} ms {dense_flops / ms / 1e9:7.1f} TFLOP/s dense-eq  (spread {spread:.1%})")
     return rows
 
 
@@ -243,7 +302,7 @@ def plot(rows: list[BenchRow], path: Path) -> None:
     plt.close(fig)
 
 
-def check_bench_args(shapes: Sequence[str], sparsities: Sequence[float], patterns: Sequence[str]) -> None:
+def check_bench_args(shapes: Sequence[str], sparsities: Sequence[float], patterns: Sequence[str], rounds: int = 1) -> None:
     """Raise a ValueError naming the option whose value the benchmark cannot run."""
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown or not shapes:
@@ -254,6 +313,8 @@ def check_bench_args(shapes: Sequence[str], sparsities: Sequence[float], pattern
     for s in sparsities:
         if not 0.0 <= s < 1.0:
             raise ValueError(f"--sparsities: each must lie in [0, 1), got {s}")
+    if rounds < 1:
+        raise ValueError(f"--rounds: expected at least 1, got {rounds}")
 
 
 def run_bench(
@@ -262,15 +323,16 @@ def run_bench(
     patterns: Sequence[str] = PATTERNS,
     out: Path | None = None,
     flex: bool = True,
+    rounds: int = 15,
 ) -> list[BenchRow]:
     """Benchmark the named shapes; write bench.json and bench.png into ``out`` if given."""
-    check_bench_args(shapes, sparsities, patterns)
+    check_bench_args(shapes, sparsities, patterns, rounds)
     if not torch.cuda.is_available():
         raise RuntimeError("the benchmark needs a CUDA GPU")
     rows: list[BenchRow] = []
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": __import__("triton").__version__}
+    meta = {"rounds": rounds, "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": __import__("triton").__version__}
     for name in shapes:
-        rows += bench_shape(SHAPES[name], sparsities, patterns, flex)
+        rows += bench_shape(SHAPES[name], sparsities, patterns, flex, rounds=rounds)
         torch.cuda.empty_cache()
         summary = summarize(rows)
         if out is not None:  # written after every shape, so a cut-short run keeps what it measured

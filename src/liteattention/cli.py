@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sparsities", type=_floats, default=list(SPARSITIES), help="comma-separated skipped fractions")
     bench.add_argument("--patterns", type=_names, default=list(PATTERNS), help=f"comma-separated, from {','.join(PATTERNS)}")
     bench.add_argument("--no-flex", action="store_true", help="skip FlexAttention (saves its compile time)")
+    bench.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per shape; times are medians over them")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json and bench.png")
     _add_demo_parser(sub)
     _add_coherence_parser(sub)
@@ -112,14 +113,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from .bench import check_bench_args, run_bench
 
         try:
-            check_bench_args(args.shapes, args.sparsities, args.patterns)
+            check_bench_args(args.shapes, args.sparsities, args.patterns, args.rounds)
         except ValueError as error:  # the message names the option
             args.command_parser.error(str(error))
         import torch
 
         if not torch.cuda.is_available():
             sys.exit("liteattention bench: the benchmark needs a CUDA GPU")
-        run_bench(args.shapes, args.sparsities, args.patterns, out=args.out, flex=not args.no_flex)
+        run_bench(args.shapes, args.sparsities, args.patterns, out=args.out, flex=not args.no_flex, rounds=args.rounds)
     elif args.command in ("demo", "coherence"):
         _run_sampling_command(args)
 
