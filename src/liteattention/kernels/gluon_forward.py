@@ -94,17 +94,30 @@ def _load_partition(
 
 
 @gluon.jit
-def _scores(s, entries_row, i, seq_k, qk_scale, USE_LIST: gl.constexpr, EVEN_N: gl.constexpr):
-    """Scores of the i-th visited tile in log2 units; keys past seq_k (another batch element's or
-    zero fill) get -inf."""
+def _key_tile(entries_row, i, USE_LIST: gl.constexpr, EVEN_N: gl.constexpr):
+    """The k-tile of the i-th visited tile, which :func:`_scores` needs to find keys past seq_k
+    (none when every tile is full). From the work list this is a global load per tile, and where
+    it sits changes how ptxas schedules the whole step, measured on the H200 at Wan 480p
+    (docs/performance.md, v9): without marking, loaded at the top of the step it hides under
+    QK^T (loaded after the QK^T wait it cost 6-13% of the kernel); with marking, loaded after
+    the QK^T wait is 20% faster than at the top. The step loops call it where their mode
+    measured best."""
+    if EVEN_N:
+        return 0
+    elif USE_LIST:
+        return _tile_of(gl.load(entries_row + i))
+    else:
+        return i
+
+
+@gluon.jit
+def _scores(s, kt, seq_k, qk_scale, EVEN_N: gl.constexpr):
+    """Scores of k-tile kt in log2 units; keys past seq_k (another batch element's or zero fill)
+    get -inf."""
     if EVEN_N:
         return s * qk_scale
     else:
         BLOCK_N: gl.constexpr = s.type.shape[1]
-        if USE_LIST:
-            kt = _tile_of(gl.load(entries_row + i))
-        else:
-            kt = i
         offs_n = kt * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
         return s * qk_scale + gl.where(offs_n < seq_k, 0.0, float("-inf"))[None, :]
 
@@ -203,16 +216,21 @@ def _consume_single(
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
     # Tile 0 alone: nothing to overlap its softmax with yet. Its gap is +inf (no running max),
     # so only padding rows find it negligible and it is never marked.
+    kt = _key_tile(entries_row, 0, USE_LIST, EVEN_N)
     s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_bufs, k_ready, 0, zero_s),))
-    p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, entries_row, 0, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i)
+    p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, kt, seq_k, qk_scale, EVEN_N), m_i, l_i)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     row_bits = padding_rows.to(gl.int64)
     for i in range(1, count):
+        if not MARK:
+            kt = _key_tile(entries_row, i, USE_LIST, EVEN_N)
         s = _issue_qk(q, k_bufs, k_ready, i, zero_s)
         acc = _issue_pv(p_op, v_bufs, v_ready, i - 1, acc)
         # wgmma groups retire in order: one outstanding means QK^T of tile i is done.
         s = warpgroup_mma_wait(1, deps=(s,))
-        p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, entries_row, i, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i)
+        if MARK:
+            kt = _key_tile(entries_row, i, USE_LIST, EVEN_N)
+        p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, kt, seq_k, qk_scale, EVEN_N), m_i, l_i)
         if MARK:
             row_bits = _verdict_bit(row_bits, gap, threshold, padding_rows, i)
         acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
@@ -244,34 +262,41 @@ def _consume_pairs(
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
     row_bits = padding_rows.to(gl.int64)
     if count == 1:
+        kt = _key_tile(entries_row, 0, USE_LIST, EVEN_N)
         s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_bufs, k_ready, 0, zero_s),))
-        p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, entries_row, 0, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i)
+        p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, kt, seq_k, qk_scale, EVEN_N), m_i, l_i)
         acc = _issue_pv(gl.convert_layout(p.to(dtype), p_layout), v_bufs, v_ready, 0, acc)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         _release(kv_empty, 0, 1)
     else:
         # The first pair alone: tile 0's gap is +inf, so only padding rows find it negligible.
+        kt0 = _key_tile(entries_row, 0, USE_LIST, EVEN_N)
+        kt1 = _key_tile(entries_row, 1, USE_LIST, EVEN_N)
         s0 = _issue_qk(q, k_bufs, k_ready, 0, zero_s)
         s1 = _issue_qk(q, k_bufs, k_ready, 1, zero_s)
         s0, s1 = warpgroup_mma_wait(0, deps=(s0, s1))
         p0, p1, m_i, l_i, alpha, gap0, gap1 = _online_softmax_pair(
-            _scores(s0, entries_row, 0, seq_k, qk_scale, USE_LIST, EVEN_N),
-            _scores(s1, entries_row, 1, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i,
+            _scores(s0, kt0, seq_k, qk_scale, EVEN_N), _scores(s1, kt1, seq_k, qk_scale, EVEN_N), m_i, l_i,
         )
         if MARK:
             row_bits = _verdict_bit(row_bits, gap1, threshold, padding_rows, 1)
         p0_op = gl.convert_layout(p0.to(dtype), p_layout)
         p1_op = gl.convert_layout(p1.to(dtype), p_layout)
         for j in range(2, count - 1, 2):
+            if not MARK:
+                kt0 = _key_tile(entries_row, j, USE_LIST, EVEN_N)
+                kt1 = _key_tile(entries_row, j + 1, USE_LIST, EVEN_N)
             s0 = _issue_qk(q, k_bufs, k_ready, j, zero_s)
             s1 = _issue_qk(q, k_bufs, k_ready, j + 1, zero_s)
             acc = _issue_pv(p0_op, v_bufs, v_ready, j - 2, acc)
             acc = _issue_pv(p1_op, v_bufs, v_ready, j - 1, acc)
             # Two of the four groups outstanding: both QK^T of the pair are done.
             s0, s1 = warpgroup_mma_wait(2, deps=(s0, s1))
+            if MARK:
+                kt0 = _key_tile(entries_row, j, USE_LIST, EVEN_N)
+                kt1 = _key_tile(entries_row, j + 1, USE_LIST, EVEN_N)
             p0, p1, m_i, l_i, alpha, gap0, gap1 = _online_softmax_pair(
-                _scores(s0, entries_row, j, seq_k, qk_scale, USE_LIST, EVEN_N),
-                _scores(s1, entries_row, j + 1, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i,
+                _scores(s0, kt0, seq_k, qk_scale, EVEN_N), _scores(s1, kt1, seq_k, qk_scale, EVEN_N), m_i, l_i,
             )
             if MARK:
                 row_bits = _verdict_bit(row_bits, gap0, threshold, padding_rows, j)
@@ -288,11 +313,12 @@ def _consume_pairs(
                     row_bits = gl.zeros_like(row_bits)
         last_pair = (count - 2) // 2 * 2  # the pair whose PV is still to issue
         if count % 2 == 1:
+            kt = _key_tile(entries_row, count - 1, USE_LIST, EVEN_N)
             s = _issue_qk(q, k_bufs, k_ready, count - 1, zero_s)
             acc = _issue_pv(p0_op, v_bufs, v_ready, last_pair, acc)
             acc = _issue_pv(p1_op, v_bufs, v_ready, last_pair + 1, acc)
             s = warpgroup_mma_wait(2, deps=(s,))
-            p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, entries_row, count - 1, seq_k, qk_scale, USE_LIST, EVEN_N), m_i, l_i)
+            p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, kt, seq_k, qk_scale, EVEN_N), m_i, l_i)
             if MARK:
                 row_bits = _verdict_bit(row_bits, gap, threshold, padding_rows, count - 1)
             acc, p0_op, p1_op = warpgroup_mma_wait(0, deps=(acc, p0_op, p1_op))
