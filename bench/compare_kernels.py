@@ -3,7 +3,8 @@
 For each shape: dense mode, a first step (marking on, nothing skipped yet) and random skipping at
 50% and 90%, for the Triton kernel and Gluon variants (one or two tiles per step, K/V ring depth).
 Outputs are cross-checked before anything is timed: values against cuDNN, marks and statistics
-against the Triton kernel.
+against the Triton kernel. All variants and cases of a shape are timed in one interleaved run
+(liteattention.bench.interleaved_ms).
 Usage: PYTHONPATH=src python bench/compare_kernels.py [--shapes 1,40,32760,128;1,32,16384,64]
 """
 
@@ -11,21 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from liteattention.bench import make_mask
+from liteattention.bench import interleaved_ms, make_mask
 from liteattention.kernels import gluon_forward as gf
 from liteattention.kernels import triton_forward as tf
 from liteattention.plan import range_words
 from liteattention.state import TileGeometry, pack_bits
-
-
-def bench(fn) -> float:
-    return float(triton.testing.do_bench(fn, warmup=20, rep=100, return_mode="median"))
 
 
 def main() -> None:
@@ -35,6 +32,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=-10.0)
     parser.add_argument("--mark-threshold", type=float, default=-1.0)
     parser.add_argument("--no-time", action="store_true")
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results = []
@@ -45,9 +43,8 @@ def main() -> None:
         qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             ref = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
-            cudnn = bench(lambda: F.scaled_dot_product_attention(qt, kt, vt))
-        row = {"shape": shape, "cudnn": cudnn}
-        print(f"shape {shape}: cuDNN {cudnn:.3f} ms", flush=True)
+        row = {"shape": shape}
+        print(f"shape {shape}", flush=True)
         scale = d**-0.5
         for tiles in args.tiles.split(","):
             bm, bn = map(int, tiles.split("x"))
@@ -85,18 +82,29 @@ def main() -> None:
                 row[f"{tag}/ok"] = bool(err < 1e-2 and same and sparse_err < 1e-2)
             if args.no_time:
                 continue
+            # Every kernel variant and case of this shape in one interleaved timing (the H200's clock
+            # drifts under load; see liteattention.bench.interleaved_ms).
+            bits = zero.clone()
+            cases = {"cudnn": lambda: F.scaled_dot_product_attention(qt, kt, vt)}
+            masks = {sp: pack_bits(make_mask("random", sp, g, b, h, q.device)) for sp in (0.5, 0.9)}
             for name, forward, kw in variants:
                 tag = f"{tiles}/{name}" + "".join(f"/{key}{val}" for key, val in kw.items())
-                dense = bench(lambda: run(forward, None, float("-inf"), use_list=False, **kw))
-                bits = zero.clone()
-                first = bench(lambda: run(forward, bits.zero_(), args.threshold, **kw))
+                cases[f"{tag}/dense"] = lambda forward=forward, kw=kw: run(forward, None, float("-inf"), use_list=False, **kw)
+                cases[f"{tag}/first"] = lambda forward=forward, kw=kw: run(forward, bits.zero_(), args.threshold, **kw)
+                for sp, mask in masks.items():
+                    cases[f"{tag}/s{sp}"] = lambda forward=forward, kw=kw, mask=mask: run(forward, bits.copy_(mask), args.threshold, **kw)
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                times = {key: statistics.median(ts) for key, ts in interleaved_ms(cases, args.rounds).items()}
+            cudnn = times.pop("cudnn")
+            row[f"{tiles}/cudnn"] = cudnn
+            print(f"  {tiles} cuDNN {cudnn:.3f} ms", flush=True)
+            for name, _, kw in variants:
+                tag = f"{tiles}/{name}" + "".join(f"/{key}{val}" for key, val in kw.items())
+                dense, first = times[f"{tag}/dense"], times[f"{tag}/first"]
                 line = f"  {tag:<40} dense {dense:8.3f} ms ({dense / cudnn:.3f}x cuDNN)  first {first:8.3f} ({first / dense:.3f}x dense)"
-                row[f"{tag}/dense"], row[f"{tag}/first"] = dense, first
-                for sparsity in (0.5, 0.9):
-                    mask = pack_bits(make_mask("random", sparsity, g, b, h, q.device))
-                    t = bench(lambda: run(forward, bits.copy_(mask), args.threshold, **kw))
-                    row[f"{tag}/s{sparsity}"] = t
-                    line += f"  s={sparsity} {t:7.3f} ({t / dense:.3f})"
+                for sp in masks:
+                    line += f"  s={sp} {times[f'{tag}/s{sp}']:7.3f} ({times[f'{tag}/s{sp}'] / dense:.3f})"
+                row.update({key: val for key, val in times.items() if key.startswith(tag + "/")})
                 print(line, flush=True)
         results.append(row)
     if args.out:
