@@ -104,7 +104,7 @@ def main() -> None:
                 line = f"  {tag:<40} dense {dense:8.3f} ms ({dense / cudnn:.3f}x cuDNN)  first {first:8.3f} ({first / dense:.3f}x dense)"
                 for sp in masks:
                     line += f"  s={sp} {times[f'{tag}/s{sp}']:7.3f} ({times[f'{tag}/s{sp}'] / dense:.3f})"
-                row.update({key: val for key, val in times.items() if key.startswith(tag + "/")})
+                row.update({f"{tag}/{case}": times[f"{tag}/{case}"] for case in ("dense", "first", *(f"s{sp}" for sp in masks))})
                 print(line, flush=True)
         results.append(row)
     if args.out:

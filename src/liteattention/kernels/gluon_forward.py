@@ -7,7 +7,9 @@ scheduled the way FlashAttention-3 schedules Hopper, which Triton's own pipeline
   STAGES buffers), so the compute warps never wait on address math or copies;
 - two consumer warpgroups each own 64 rows of the 128-row q-tile and share the K/V ring;
 - inside a consumer, QK^T of the next visited tiles and PV of the previous ones are issued back
-  to back as asynchronous wgmma, and the softmax runs while PV is still on the tensor cores;
+  to back as asynchronous wgmma, and the softmax starts while PV is still on the tensor cores
+  (ptxas moves most exponentials after the PV wait; the other consumer's wgmma keep the tensor
+  cores busy meanwhile, and pinning them under PV measured slower: docs/performance.md, v10);
 - with 64-key tiles, two tiles make one step (one softmax update and one rescale of the output
   accumulator per 128 keys): the per-step overheads of a 128-key tile, with marking still at
   64-key granularity.
