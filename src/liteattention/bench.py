@@ -49,6 +49,7 @@ SHAPES = {
     )
 }
 SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
+ROUNDS = 15  # interleaved timing rounds per shape
 PATTERNS = ("random", "banded")
 
 
@@ -104,8 +105,8 @@ def interleaved_ms(cases: dict[str, Callable[[], object]], rounds: int, sample_m
     """Milliseconds per call of each case, one sample per round, the cases in a fresh random
     order every round.
 
-    Timing the cases one after another for a while each lets the GPU's clock (it slows down as
-    the card heats up under load) favour whichever case runs first; interleaving gives every
+    Timing the cases one after another for a while each lets the GPU's clock (it drops as the
+    card reaches its power limit under load) favour whichever case runs first; interleaving gives every
     case the same mix of clock states, so ratios between cases hold. A sample is as many back to
     back calls as fill about ``sample_ms``, timed with CUDA events after clearing the L2 cache
     (so a sample starts cold, as a layer's attention does in a model).
@@ -152,7 +153,7 @@ def bench_shape(
     patterns: Sequence[str] = PATTERNS,
     flex: bool = True,
     threshold: float = -10.0,
-    rounds: int = 15,
+    rounds: int = ROUNDS,
     log: Callable[[str], None] = print,
 ) -> list[BenchRow]:
     """Time every method on one shape; returns one row per (method, pattern, sparsity).
@@ -179,7 +180,9 @@ def bench_shape(
 
         return call
 
-    sdpa = lambda: F.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
+    def sdpa():
+        return F.scaled_dot_product_attention(qt, kt, vt)
+
     cases[("ours-dense", "-", 0.0, 0.0)] = lambda: lite_attention(q, k, v, None, must_do=must_do)
     state = SkipState.for_inputs(q, k)
     geometry = state.geometry
@@ -323,7 +326,7 @@ def run_bench(
     patterns: Sequence[str] = PATTERNS,
     out: Path | None = None,
     flex: bool = True,
-    rounds: int = 15,
+    rounds: int = ROUNDS,
 ) -> list[BenchRow]:
     """Benchmark the named shapes; write bench.json and bench.png into ``out`` if given."""
     check_bench_args(shapes, sparsities, patterns, rounds)

@@ -24,7 +24,7 @@ def _names(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import PATTERNS, SHAPES, SPARSITIES
+    from .bench import PATTERNS, ROUNDS, SHAPES, SPARSITIES
 
     parser = argparse.ArgumentParser(prog="liteattention", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sparsities", type=_floats, default=list(SPARSITIES), help="comma-separated skipped fractions")
     bench.add_argument("--patterns", type=_names, default=list(PATTERNS), help=f"comma-separated, from {','.join(PATTERNS)}")
     bench.add_argument("--no-flex", action="store_true", help="skip FlexAttention (saves its compile time)")
-    bench.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per shape; times are medians over them")
+    bench.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved timing rounds per shape; times are medians over them")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json and bench.png")
     _add_demo_parser(sub)
     _add_coherence_parser(sub)
