@@ -13,7 +13,7 @@ import torch
 import triton
 
 from conftest import DEVICE
-from liteattention.kernels.gluon_forward import GROUP, _apply_verdicts, gluon_forward, gluon_supported
+from liteattention.kernels.gluon_forward import GROUP, VERDICT_WARPS, _apply_verdicts, gluon_forward, gluon_supported
 from liteattention.state import TileGeometry, pack_bits
 
 COMPILE = """
@@ -46,8 +46,8 @@ open(sys.argv[7], "w").write(kernel.asm["ptx"])
 
 @pytest.mark.parametrize(
     "head_dim, block_n, use_list, mark, even_n, lse",
-    [(128, 64, 1, 1, 0, 1), (128, 128, 1, 1, 1, 0), (64, 128, 0, 0, 1, 0)],
-    ids=["pairs-marking-partial-lse", "single-marking", "single-dense-d64"],
+    [(128, 64, 1, 1, 0, 1), (128, 128, 1, 1, 0, 0), (64, 128, 0, 0, 1, 0)],
+    ids=["pairs-marking-partial-lse", "single-marking-partial", "single-dense-d64"],
 )
 def test_compiles_for_sm90_without_spills(tmp_path: Path, head_dim, block_n, use_list, mark, even_n, lse):
     # A fresh process: the compiler must see the real @gluon.jit functions, not the interpreter's.
@@ -69,7 +69,7 @@ def test_compiles_for_sm90_without_spills(tmp_path: Path, head_dim, block_n, use
     assert "0 bytes spill stores, 0 bytes spill loads" in report, report
 
 
-def test_apply_verdicts_marks_tiles_negligible_for_both_halves():
+def test_apply_verdicts_marks_tiles_negligible_for_every_warp():
     geometry = TileGeometry(seq_q=4 * 128, seq_k=150 * 64, block_m=128, block_n=64)
     rows, k_tiles, words = 4, geometry.k_tiles, geometry.words
     groups = triton.cdiv(k_tiles, GROUP.value)
@@ -79,7 +79,11 @@ def test_apply_verdicts_marks_tiles_negligible_for_both_halves():
     entries = torch.stack([torch.randperm(k_tiles, generator=gen) for _ in range(rows)]).to(torch.int32)
     must_do = torch.rand(rows, k_tiles, generator=gen) < 0.1
     entries = torch.where(must_do, -entries - 1, entries)
-    verdicts = torch.randint(-(2**62), 2**62, (rows, 2, groups), generator=gen, dtype=torch.int64)
+    # Each warp's word: bits shared by all warps (half the tiles) plus its own random bits, so some
+    # tiles are negligible for every warp and many for only some.
+    shared = torch.randint(-(2**62), 2**62, (rows, groups, 1), generator=gen, dtype=torch.int64)
+    own = torch.randint(-(2**62), 2**62, (rows, groups, VERDICT_WARPS.value), generator=gen, dtype=torch.int64)
+    verdicts = shared | own
     bits = torch.zeros(rows, words, dtype=torch.int32)
     bits[:, 0] = 1  # an earlier mark stays
     stats = torch.zeros(3, dtype=torch.int64)
@@ -88,14 +92,16 @@ def test_apply_verdicts_marks_tiles_negligible_for_both_halves():
     newly = 0
     for r in range(rows):
         for pos in range(int(counts[r])):
-            word = int(verdicts[r, 0, pos // 64] & verdicts[r, 1, pos // 64])
+            word = -1
+            for warp in range(VERDICT_WARPS.value):
+                word &= int(verdicts[r, pos // 64, warp])
             kt = int(entries[r, pos])
             if kt >= 0 and (word >> (pos % 64)) & 1:
                 expected[r, kt // 32] |= torch.tensor(1 << (kt % 32), dtype=torch.int64).to(torch.int32)
                 newly += 1
 
     args = [t.to(DEVICE) for t in (verdicts, entries, counts, bits, stats)]
-    _apply_verdicts[(rows,)](*args, k_tiles, words, groups, GROUP_SIZE=GROUP.value)
+    _apply_verdicts[(rows,)](*args, k_tiles, words, groups, GROUP_SIZE=GROUP.value, WARPS=VERDICT_WARPS.value)
     assert newly > 0
     assert torch.equal(args[3].cpu(), expected)
     assert args[4].cpu().tolist() == [0, 0, newly]
@@ -127,6 +133,7 @@ ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == 
         (1000, 1000, (), (), 0.0),  # partial last q-tile and k-tile
         (300, 2100, ((0, 77),), (), 0.5),  # Sq != Sk, must-do keys inside the first tile
         (640, 4096, ((4000, 4096),), ((0, 256),), 0.97),  # near-full mask: 1 to 6 tiles per row
+        (257, 330, (), (), 0.3),  # the last q-tile's diagonal tile is the partial last k-tile: visited first
     ],
 )
 def test_gluon_matches_portable_kernel(block_n, head_dim, seq_q, seq_k, must_do, must_skip, marked):

@@ -14,10 +14,10 @@ scheduled the way FlashAttention-3 schedules Hopper, which Triton's own pipeline
   accumulator per 128 keys): the per-step overheads of a 128-key tile, with marking still at
   64-key granularity.
 
-Marking needs every row of the q-tile, but the rows are split over two warpgroups: each consumer
-reduces its rows' verdict bits once per GROUP tiles into one word and stores it (no atomics, no
-waiting on memory inside the loop); ``_apply_verdicts`` then marks the tiles both consumers found
-negligible, one program per row.
+Marking needs every row of the q-tile, but the rows are split over eight warps: once per GROUP
+tiles each warp reduces its rows' verdict bits into one word with a warp-wide AND and stores it
+(no shared memory, no barrier, no atomics, no waiting on memory inside the loop);
+``_apply_verdicts`` then marks the tiles all eight warps found negligible, one program per row.
 """
 
 from __future__ import annotations
@@ -45,17 +45,14 @@ from .triton_forward import LOG2E, launch_buffers
 HALF_M: gl.constexpr = gl.constexpr(64)
 # Visited tiles whose verdict bits are reduced together (bits of one int64 per row).
 GROUP: gl.constexpr = gl.constexpr(64)
+# Consumer warps per q-tile, each storing its own verdict word per group.
+VERDICT_WARPS: gl.constexpr = gl.constexpr(8)
 # Shared memory per block on sm_90, minus headroom for the barriers.
 SMEM_BYTES = 227 * 1024 - 1024
 # Registers per thread asked for the second consumer warpgroup and the producer warpgroup; the
 # first consumer gets what is left of the 168 per thread x 12 warps the kernel is launched with.
 CONSUMER_REGS: gl.constexpr = gl.constexpr(232)
 PRODUCER_REGS: gl.constexpr = gl.constexpr(24)
-
-
-@gluon.jit
-def _and(a, b):
-    return a & b
 
 
 @gluon.jit
@@ -97,13 +94,11 @@ def _load_partition(
 
 @gluon.jit
 def _key_tile(entries_row, i, USE_LIST: gl.constexpr, EVEN_N: gl.constexpr):
-    """The k-tile of the i-th visited tile, which :func:`_scores` needs to find keys past seq_k
-    (none when every tile is full). From the work list this is a global load per tile, and where
-    it sits changes how ptxas schedules the whole step, measured on the H200 at Wan 480p
-    (docs/performance.md, v9): without marking, loaded at the top of the step it hides under
-    QK^T (loaded after the QK^T wait it cost 6-13% of the kernel); with marking, loaded after
-    the QK^T wait is 20% faster than at the top. The step loops call it where their mode
-    measured best."""
+    """The k-tile at visit position i, which :func:`_scores` needs to find keys past seq_k (none
+    when every tile is full). Only the first and last positions can hold the partial last k-tile:
+    the visit order is the diagonal tile, then the rest ascending (``plan_work``), and without a
+    list it is plain ascending. So only the steps at the ends load an entry and mask; the steps in
+    between do neither (a per-step entry load cost 6-20% at Wan 480p, docs/performance.md, v9)."""
     if EVEN_N:
         return 0
     elif USE_LIST:
@@ -126,20 +121,45 @@ def _scores(s, kt, seq_k, qk_scale, EVEN_N: gl.constexpr):
 
 @gluon.jit
 def _store_verdict(row_bits, group, verdicts_row):
-    """Word ``group`` of this consumer's verdicts: bit j set when all its rows found the tile at
-    visit position group * GROUP + j negligible. A plain store: the loop never waits on memory."""
-    gl.store(verdicts_row + group, gl.reduce(row_bits, 0, _and))
+    """Each warp's word of group ``group``: bit j set when all its 16 rows found the tile at visit
+    position group * GROUP + j negligible. Each thread holds two rows (r and r + 8 of the warp's
+    16, as wgmma lays out its accumulator), so one AND and a warp-wide redux give the word, with
+    no shared memory or barrier (the cross-warp reduction spilled registers in this loop). A plain
+    store: the loop never waits on memory."""
+    word = gl.inline_asm_elementwise(
+        """{
+        .reg .b32 lo, hi, lo1, hi1;
+        mov.b64 {lo, hi}, $2;
+        mov.b64 {lo1, hi1}, $3;
+        and.b32 lo, lo, lo1;
+        and.b32 hi, hi, hi1;
+        redux.sync.and.b32 lo, lo, 0xffffffff;
+        redux.sync.and.b32 hi, hi, 0xffffffff;
+        mov.b64 $0, {lo, hi};
+        mov.b64 $1, {lo, hi};
+        }""",
+        "=l,=l,l,l", [row_bits], dtype=gl.int64, is_pure=True, pack=2,
+    )
+    warp = gl.arange(0, HALF_M, layout=row_bits.type.layout) // (HALF_M // 4)
+    gl.store(verdicts_row + group * VERDICT_WARPS + warp, word)
 
 
 @triton.jit
-def _apply_verdicts(Verdicts, Entries, Counts, Bits, Stats, k_tiles, words, groups, GROUP_SIZE: tl.constexpr):
-    """Mark the tiles that both consumers of a q-tile found negligible (one program per row)."""
+def _and(a, b):
+    return a & b
+
+
+@triton.jit
+def _apply_verdicts(
+    Verdicts, Entries, Counts, Bits, Stats, k_tiles, words, groups, GROUP_SIZE: tl.constexpr, WARPS: tl.constexpr,
+):
+    """Mark the tiles that every consumer warp of a q-tile found negligible (one program per row)."""
     row = tl.program_id(0).to(tl.int64)
     count = tl.load(Counts + row)
     lane = tl.arange(0, GROUP_SIZE)
     newly = tl.zeros([GROUP_SIZE], dtype=tl.int64)
     for group in range(0, tl.cdiv(count, GROUP_SIZE)):
-        word = tl.load(Verdicts + (row * 2) * groups + group) & tl.load(Verdicts + (row * 2 + 1) * groups + group)
+        word = tl.reduce(tl.load(Verdicts + (row * groups + group) * WARPS + tl.arange(0, WARPS)), 0, _and)
         pos = group * GROUP_SIZE + lane
         entry = tl.load(Entries + row * k_tiles + pos, mask=pos < count, other=-1)
         hit = (pos < count) & (entry >= 0) & (((word >> lane.to(tl.int64)) & 1) == 1)
@@ -206,6 +226,35 @@ def _verdict_bit(row_bits, gap, threshold, padding_rows, j):
 
 
 @gluon.jit
+def _single_step(
+    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, kt, p_op, m_i, l_i, acc, row_bits, zero_s, padding_rows,
+    verdicts_row, seq_k, qk_scale, threshold, MARK: gl.constexpr, EVEN_N: gl.constexpr,
+):
+    """Visited tile i (k-tile kt, masked unless EVEN_N): its QK^T and PV of tile i - 1 in flight
+    together, then its softmax while that PV runs. Returns the operand of its own PV and the
+    updated row state."""
+    dtype: gl.constexpr = k_bufs.dtype
+    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+    s = _issue_qk(q, k_bufs, k_ready, i, zero_s)
+    acc = _issue_pv(p_op, v_bufs, v_ready, i - 1, acc)
+    # wgmma groups retire in order: one outstanding means QK^T of tile i is done.
+    s = warpgroup_mma_wait(1, deps=(s,))
+    p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, kt, seq_k, qk_scale, EVEN_N), m_i, l_i)
+    if MARK:
+        row_bits = _verdict_bit(row_bits, gap, threshold, padding_rows, i)
+    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+    _release(kv_empty, i - 1, 1)
+    acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    if MARK:
+        if i % GROUP == GROUP - 1:
+            _store_verdict(row_bits, i // GROUP, verdicts_row)
+            row_bits = gl.zeros_like(row_bits)
+    return p_op, m_i, l_i, acc, row_bits
+
+
+@gluon.jit
 def _consume_single(
     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
     entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
@@ -214,7 +263,6 @@ def _consume_single(
     """Visited tiles one per step: QK^T of tile i and PV of tile i-1 in flight together. Returns
     the running max, sum and output, and the verdict bits of the last group (not yet stored)."""
     dtype: gl.constexpr = k_bufs.dtype
-    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
     # Tile 0 alone: nothing to overlap its softmax with yet. Its gap is +inf (no running max),
     # so only padding rows find it negligible and it is never marked.
@@ -223,30 +271,57 @@ def _consume_single(
     p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, kt, seq_k, qk_scale, EVEN_N), m_i, l_i)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     row_bits = padding_rows.to(gl.int64)
-    for i in range(1, count):
-        if not MARK:
-            kt = _key_tile(entries_row, i, USE_LIST, EVEN_N)
-        s = _issue_qk(q, k_bufs, k_ready, i, zero_s)
-        acc = _issue_pv(p_op, v_bufs, v_ready, i - 1, acc)
-        # wgmma groups retire in order: one outstanding means QK^T of tile i is done.
-        s = warpgroup_mma_wait(1, deps=(s,))
-        if MARK:
-            kt = _key_tile(entries_row, i, USE_LIST, EVEN_N)
-        p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, kt, seq_k, qk_scale, EVEN_N), m_i, l_i)
-        if MARK:
-            row_bits = _verdict_bit(row_bits, gap, threshold, padding_rows, i)
-        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-        _release(kv_empty, i - 1, 1)
-        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        if MARK:
-            if i % GROUP == GROUP - 1:
-                _store_verdict(row_bits, i // GROUP, verdicts_row)
-                row_bits = gl.zeros_like(row_bits)
+    for i in range(1, count - 1):
+        p_op, m_i, l_i, acc, row_bits = _single_step(
+            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, row_bits, zero_s,
+            padding_rows, verdicts_row, seq_k, qk_scale, threshold, MARK, True,
+        )
+    if count > 1:
+        p_op, m_i, l_i, acc, row_bits = _single_step(
+            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, count - 1, _key_tile(entries_row, count - 1, USE_LIST, EVEN_N),
+            p_op, m_i, l_i, acc, row_bits, zero_s, padding_rows, verdicts_row, seq_k, qk_scale, threshold, MARK, EVEN_N,
+        )
     acc = _issue_pv(p_op, v_bufs, v_ready, count - 1, acc)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
     _release(kv_empty, count - 1, 1)
     return m_i, l_i, acc, row_bits
+
+
+@gluon.jit
+def _pair_step(
+    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, j, kt1, p0_op, p1_op, m_i, l_i, acc, row_bits, zero_s,
+    padding_rows, verdicts_row, seq_k, qk_scale, threshold, MARK: gl.constexpr, EVEN_N: gl.constexpr,
+):
+    """Visited tiles j and j + 1 (j even and > 0; tile j + 1 is k-tile kt1, masked unless EVEN_N):
+    their QK^T and PV of the previous pair in flight together, then one softmax update and one
+    output rescale for both while that PV runs. Returns the operands of the pair's own PV and the
+    updated row state."""
+    dtype: gl.constexpr = k_bufs.dtype
+    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+    s0 = _issue_qk(q, k_bufs, k_ready, j, zero_s)
+    s1 = _issue_qk(q, k_bufs, k_ready, j + 1, zero_s)
+    acc = _issue_pv(p0_op, v_bufs, v_ready, j - 2, acc)
+    acc = _issue_pv(p1_op, v_bufs, v_ready, j - 1, acc)
+    # Two of the four groups outstanding: both QK^T of the pair are done.
+    s0, s1 = warpgroup_mma_wait(2, deps=(s0, s1))
+    p0, p1, m_i, l_i, alpha, gap0, gap1 = _online_softmax_pair(
+        _scores(s0, 0, seq_k, qk_scale, True), _scores(s1, kt1, seq_k, qk_scale, EVEN_N), m_i, l_i,
+    )
+    if MARK:
+        row_bits = _verdict_bit(row_bits, gap0, threshold, padding_rows, j)
+        row_bits = _verdict_bit(row_bits, gap1, threshold, padding_rows, j + 1)
+    acc, p0_op, p1_op = warpgroup_mma_wait(0, deps=(acc, p0_op, p1_op))
+    _release(kv_empty, j - 2, 2)
+    acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+    p0_op = gl.convert_layout(p0.to(dtype), p_layout)
+    p1_op = gl.convert_layout(p1.to(dtype), p_layout)
+    if MARK:
+        # j is even, so a pair never straddles two groups.
+        if (j + 1) % GROUP == GROUP - 1:
+            _store_verdict(row_bits, j // GROUP, verdicts_row)
+            row_bits = gl.zeros_like(row_bits)
+    return p0_op, p1_op, m_i, l_i, acc, row_bits
 
 
 @gluon.jit
@@ -284,35 +359,18 @@ def _consume_pairs(
             row_bits = _verdict_bit(row_bits, gap1, threshold, padding_rows, 1)
         p0_op = gl.convert_layout(p0.to(dtype), p_layout)
         p1_op = gl.convert_layout(p1.to(dtype), p_layout)
-        for j in range(2, count - 1, 2):
-            if not MARK:
-                kt0 = _key_tile(entries_row, j, USE_LIST, EVEN_N)
-                kt1 = _key_tile(entries_row, j + 1, USE_LIST, EVEN_N)
-            s0 = _issue_qk(q, k_bufs, k_ready, j, zero_s)
-            s1 = _issue_qk(q, k_bufs, k_ready, j + 1, zero_s)
-            acc = _issue_pv(p0_op, v_bufs, v_ready, j - 2, acc)
-            acc = _issue_pv(p1_op, v_bufs, v_ready, j - 1, acc)
-            # Two of the four groups outstanding: both QK^T of the pair are done.
-            s0, s1 = warpgroup_mma_wait(2, deps=(s0, s1))
-            if MARK:
-                kt0 = _key_tile(entries_row, j, USE_LIST, EVEN_N)
-                kt1 = _key_tile(entries_row, j + 1, USE_LIST, EVEN_N)
-            p0, p1, m_i, l_i, alpha, gap0, gap1 = _online_softmax_pair(
-                _scores(s0, kt0, seq_k, qk_scale, EVEN_N), _scores(s1, kt1, seq_k, qk_scale, EVEN_N), m_i, l_i,
+        # Pairs short of the last tile need no mask; the pair ending on it (count even) has one.
+        for j in range(2, count - 2, 2):
+            p0_op, p1_op, m_i, l_i, acc, row_bits = _pair_step(
+                q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, j, 0, p0_op, p1_op, m_i, l_i, acc, row_bits,
+                zero_s, padding_rows, verdicts_row, seq_k, qk_scale, threshold, MARK, True,
             )
-            if MARK:
-                row_bits = _verdict_bit(row_bits, gap0, threshold, padding_rows, j)
-                row_bits = _verdict_bit(row_bits, gap1, threshold, padding_rows, j + 1)
-            acc, p0_op, p1_op = warpgroup_mma_wait(0, deps=(acc, p0_op, p1_op))
-            _release(kv_empty, j - 2, 2)
-            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-            p0_op = gl.convert_layout(p0.to(dtype), p_layout)
-            p1_op = gl.convert_layout(p1.to(dtype), p_layout)
-            if MARK:
-                # j is even, so a pair never straddles two groups.
-                if (j + 1) % GROUP == GROUP - 1:
-                    _store_verdict(row_bits, j // GROUP, verdicts_row)
-                    row_bits = gl.zeros_like(row_bits)
+        if count % 2 == 0 and count > 2:
+            p0_op, p1_op, m_i, l_i, acc, row_bits = _pair_step(
+                q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, count - 2, _key_tile(entries_row, count - 1, USE_LIST, EVEN_N),
+                p0_op, p1_op, m_i, l_i, acc, row_bits, zero_s, padding_rows, verdicts_row, seq_k, qk_scale, threshold,
+                MARK, EVEN_N,
+            )
         last_pair = (count - 2) // 2 * 2  # the pair whose PV is still to issue
         if count % 2 == 1:
             kt = _key_tile(entries_row, count - 1, USE_LIST, EVEN_N)
@@ -435,13 +493,13 @@ def _gluon_attention_fwd(
         [
             (_consumer_partition, (
                 0, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-                Out, Lse, entries_row, Verdicts + row * 2 * groups, count, b, h, pid_bh, q_row0,
+                Out, Lse, entries_row, Verdicts + row * groups * VERDICT_WARPS, count, b, h, pid_bh, q_row0,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
                 USE_LIST, MARK, WRITE_LSE, EVEN_N, PAIRS,
             )),
             (_consumer_partition, (
                 1, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-                Out, Lse, entries_row, Verdicts + (row * 2 + 1) * groups, count, b, h, pid_bh, q_row0,
+                Out, Lse, entries_row, Verdicts + row * groups * VERDICT_WARPS + VERDICT_WARPS // 2, count, b, h, pid_bh, q_row0,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
                 USE_LIST, MARK, WRITE_LSE, EVEN_N, PAIRS,
             )),
@@ -521,8 +579,8 @@ def gluon_forward(
     mark, out, lse, dummy, entries, counts = launch_buffers(q, threshold, bits, work, return_lse)
     rows = batch * heads * geometry.q_tiles
     groups = triton.cdiv(geometry.k_tiles, GROUP.value)
-    # Per-call scratch: each consumer's verdict words, one int64 per GROUP visited tiles.
-    verdicts = torch.empty(rows, 2, groups, dtype=torch.int64, device=q.device) if mark else dummy
+    # Per-call scratch: each consumer warp's verdict words, one int64 per GROUP visited tiles.
+    verdicts = torch.empty(rows, groups, VERDICT_WARPS.value, dtype=torch.int64, device=q.device) if mark else dummy
     bn = geometry.block_n
     pairs = pairs_fit(bn, head_dim) if pairs is None else pairs
     stages = stages or default_stages(bn, head_dim, q.element_size())
@@ -548,6 +606,7 @@ def gluon_forward(
     )
     if mark:
         _apply_verdicts[(rows,)](
-            verdicts, entries, counts, bits, stats, geometry.k_tiles, geometry.words, groups, GROUP_SIZE=GROUP.value,
+            verdicts, entries, counts, bits, stats, geometry.k_tiles, geometry.words, groups,
+            GROUP_SIZE=GROUP.value, WARPS=VERDICT_WARPS.value,
         )
     return out, lse
