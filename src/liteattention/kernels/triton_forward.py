@@ -231,7 +231,9 @@ def plan_work(
     """Work list (entries (B, H, Qt, Kt) int32, counts (B, H, Qt) int32) from the packed mask.
 
     Row r's first counts[r] entries are its computed k-tiles in visit order, each stored as kt
-    when it may be marked and as -(kt + 1) when it is must-do.
+    when it may be marked and as -(kt + 1) when it is must-do. The order (diagonal first, then
+    ascending) puts the partial last k-tile, if computed, first or last: the Gluon kernel masks
+    and reads entries only there.
     """
     batch, heads, q_tiles, _ = bits.shape
     g = geometry
