@@ -1,0 +1,152 @@
+"""A/B of Gluon kernel versions on one GPU: the current module against saved copies of it.
+
+Each baseline is a copy of ``gluon_forward.py`` from another commit, e.g.
+
+    git show 9227b09:src/liteattention/kernels/gluon_forward.py > /tmp/gluon_v9.py
+    PYTHONPATH=src python bench/ab_gluon.py /tmp/gluon_v9.py [--shapes 1,40,32760,128;1,24,54256,128]
+
+For each shape, outputs, marks and statistics of every version are first compared with the current
+one's; then every version and case is timed in one interleaved run
+(liteattention.bench.interleaved_ms). Cases, as ratios to the version's own dense mode: dense again
+(the noise floor), the work list (planned in the call) with marking off, the same tiles as a
+precomputed ascending list, a first step (zero mask, planner, marking), and random masks at 50%
+and 90% with marking on.
+
+``--ncu-mode dense|list|mark`` instead launches the current kernel twice in that mode and exits, for
+``ncu --launch-skip 1 --launch-count 1`` to profile the second launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from liteattention.bench import interleaved_ms, make_mask
+from liteattention.kernels import gluon_forward
+from liteattention.kernels import triton_forward as tf
+from liteattention.plan import range_words
+from liteattention.state import TileGeometry, pack_bits
+
+
+def load_version(path: Path) -> ModuleType:
+    """Import a copy of gluon_forward.py as a sibling module (its relative imports then resolve)."""
+    name = f"liteattention.kernels.{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Shape:
+    """Random bf16 q, k, v of one shape, its 128x64 geometry, and the kernel launch in each mode."""
+
+    def __init__(self, b: int, h: int, s: int, d: int):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        self.q, self.k, self.v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+        self.g = TileGeometry(s, s, 128, 64)
+        self.zero = torch.zeros(b, h, self.g.q_tiles, self.g.words, dtype=torch.int32, device="cuda")
+        self.do_words, self.skip_words = range_words(self.g, (), (), self.q.device)
+        self.stats = torch.zeros(3, dtype=torch.int64, device="cuda")
+
+    def plan(self, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tf.plan_work(bits, self.do_words, self.skip_words, self.g, self.stats)
+
+    def call(self, module: ModuleType, bits=None, threshold=-math.inf, work=None, use_list=True) -> torch.Tensor:
+        """Dense mode (use_list=False); else the given work list, or one planned from bits (zero when
+        None), marking into bits when they are given and threshold > -inf."""
+        if use_list and work is None:
+            work = self.plan(bits if bits is not None else self.zero)
+        return module.gluon_forward(
+            self.q, self.k, self.v, self.g, scale=self.q.shape[-1] ** -0.5, threshold=threshold,
+            bits=bits if use_list else None, work=work if use_list else None, stats=self.stats, return_lse=False,
+        )[0]
+
+
+def check(shape: Shape, versions: dict[str, ModuleType], masks: dict[float, torch.Tensor]) -> None:
+    reference = None
+    for name, module in versions.items():
+        bits = shape.zero.clone()
+        shape.stats.zero_()
+        outs = {
+            "dense": shape.call(module, use_list=False).float(),
+            "list": shape.call(module).float(),
+            "mark": shape.call(module, bits, -1.0).float(),
+        }
+        marks = (bits.clone(), shape.stats.clone())
+        outs["s0.5"] = shape.call(module, masks[0.5].clone()).float()
+        if reference is None:
+            reference = outs, marks
+        errors = "  ".join(
+            f"{key} {((val - reference[0][key]).nan_to_num().norm() / reference[0][key].nan_to_num().norm()).item():.1e}"
+            for key, val in outs.items()
+        )
+        same = torch.equal(marks[0], reference[1][0]) and torch.equal(marks[1], reference[1][1])
+        print(f"  {name:>12}: {errors}  marks {'same' if same else 'DIFFER'} {marks[1].tolist()}", flush=True)
+
+
+def time_versions(shape: Shape, versions: dict[str, ModuleType], masks: dict[float, torch.Tensor], rounds: int) -> None:
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (shape.q, shape.k, shape.v))
+    planned = shape.plan(shape.zero.clone())
+    ascending = (torch.arange(shape.g.k_tiles, dtype=torch.int32, device="cuda").expand_as(planned[0]).contiguous(), planned[1])
+    bits = shape.zero.clone()
+    cases = {"cudnn": lambda: F.scaled_dot_product_attention(qt, kt, vt)}
+    for name, m in versions.items():
+        cases[f"{name}/dense"] = lambda m=m: shape.call(m, use_list=False)
+        cases[f"{name}/dense again"] = lambda m=m: shape.call(m, use_list=False)
+        cases[f"{name}/list"] = lambda m=m: shape.call(m)
+        cases[f"{name}/ascending list"] = lambda m=m: shape.call(m, work=ascending)
+        cases[f"{name}/first step"] = lambda m=m: shape.call(m, bits.zero_(), -10.0)
+        for sparsity, mask in masks.items():
+            cases[f"{name}/s={sparsity}"] = lambda m=m, mask=mask: shape.call(m, bits.copy_(mask), -10.0)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        times = {key: statistics.median(ts) for key, ts in interleaved_ms(cases, rounds).items()}
+    print(f"  cuDNN {times['cudnn']:.3f} ms")
+    for name in versions:
+        dense = times[f"{name}/dense"]
+        ratios = "  ".join(
+            f"{case} {times[f'{name}/{case}'] / dense:.3f}"
+            for case in ("dense again", "list", "ascending list", "first step", *(f"s={sp}" for sp in masks))
+        )
+        print(f"  {name:>12}: dense {dense:.3f} ms ({dense / times['cudnn']:.3f}x cuDNN)  {ratios}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("baselines", nargs="*", type=Path, help="copies of gluon_forward.py to compare against")
+    parser.add_argument("--shapes", default="1,40,32760,128;1,24,54256,128", help="B,H,S,D;...")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--ncu-mode", choices=("dense", "list", "mark"), default=None)
+    args = parser.parse_args()
+    if args.ncu_mode:
+        shape = Shape(*map(int, args.shapes.split(";")[0].split(",")))
+        work = shape.plan(shape.zero)
+        for _ in range(2):
+            if args.ncu_mode == "dense":
+                shape.call(gluon_forward, use_list=False)
+            elif args.ncu_mode == "list":
+                shape.call(gluon_forward, work=work)
+            else:
+                shape.call(gluon_forward, shape.zero.clone(), -10.0, work=work)
+        torch.cuda.synchronize()
+        return
+    versions = {"current": gluon_forward} | {path.stem: load_version(path) for path in args.baselines}
+    for spec in args.shapes.split(";"):
+        shape = Shape(*map(int, spec.split(",")))
+        print(f"shape {spec} ({shape.g.k_tiles} k-tiles)", flush=True)
+        masks = {sp: pack_bits(make_mask("random", sp, shape.g, shape.q.shape[0], shape.q.shape[2], shape.q.device)) for sp in (0.5, 0.9)}
+        check(shape, versions, masks)
+        time_versions(shape, versions, masks, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
