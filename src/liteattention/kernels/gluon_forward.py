@@ -39,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..state import TileGeometry
-from .triton_forward import LOG2E, launch_buffers
+from .triton_forward import LOG2E, _and, _mark_word, launch_buffers
 
 # Rows of the q-tile per consumer warpgroup (one wgmma M extent); the q-tile has two halves.
 HALF_M: gl.constexpr = gl.constexpr(64)
@@ -145,27 +145,17 @@ def _store_verdict(row_bits, group, verdicts_row):
 
 
 @triton.jit
-def _and(a, b):
-    return a & b
-
-
-@triton.jit
 def _apply_verdicts(
     Verdicts, Entries, Counts, Bits, Stats, k_tiles, words, groups, GROUP_SIZE: tl.constexpr, WARPS: tl.constexpr,
 ):
     """Mark the tiles that every consumer warp of a q-tile found negligible (one program per row)."""
     row = tl.program_id(0).to(tl.int64)
     count = tl.load(Counts + row)
-    lane = tl.arange(0, GROUP_SIZE)
-    newly = tl.zeros([GROUP_SIZE], dtype=tl.int64)
+    newly = tl.zeros([], dtype=tl.int64)
     for group in range(0, tl.cdiv(count, GROUP_SIZE)):
         word = tl.reduce(tl.load(Verdicts + (row * groups + group) * WARPS + tl.arange(0, WARPS)), 0, _and)
-        pos = group * GROUP_SIZE + lane
-        entry = tl.load(Entries + row * k_tiles + pos, mask=pos < count, other=-1)
-        hit = (pos < count) & (entry >= 0) & (((word >> lane.to(tl.int64)) & 1) == 1)
-        tl.atomic_or(Bits + row * words + entry // 32, 1 << (entry % 32), mask=hit)
-        newly += hit.to(tl.int64)
-    tl.atomic_add(Stats + 2, tl.sum(newly, 0))
+        newly += _mark_word(word, group * GROUP_SIZE, count, Entries + row * k_tiles, Bits + row * words, GROUP_SIZE)
+    tl.atomic_add(Stats + 2, newly)
 
 
 @gluon.jit

@@ -67,15 +67,22 @@ def _and(a, b):
 
 
 @triton.jit
-def _mark_group(row_bits, group_start, count, entries_row, bits_row, Stats):
-    """Mark the tiles at visit positions [group_start, group_start + GROUP) found negligible in every row."""
-    word = tl.reduce(row_bits, 0, _and)
-    lane = tl.arange(0, GROUP)
+def _mark_word(word, group_start, count, entries_row, bits_row, SIZE: tl.constexpr):
+    """Mark the tiles at visit positions [group_start, group_start + SIZE) whose bit is set in
+    word (bit j for position group_start + j; must-do entries never); returns how many."""
+    lane = tl.arange(0, SIZE)
     pos = group_start + lane
     entry = tl.load(entries_row + pos, mask=pos < count, other=-1)
     hit = (pos < count) & (entry >= 0) & (((word >> lane.to(tl.int64)) & 1) == 1)
     tl.atomic_or(bits_row + entry // 32, 1 << (entry % 32), mask=hit)
-    tl.atomic_add(Stats + 2, tl.sum(hit.to(tl.int64), 0))
+    return tl.sum(hit.to(tl.int64), 0)
+
+
+@triton.jit
+def _mark_group(row_bits, group_start, count, entries_row, bits_row, Stats):
+    """Mark the tiles at visit positions [group_start, group_start + GROUP) found negligible in every row."""
+    word = tl.reduce(row_bits, 0, _and)
+    tl.atomic_add(Stats + 2, _mark_word(word, group_start, count, entries_row, bits_row, GROUP))
 
 
 @triton.jit
