@@ -5,12 +5,16 @@ Each baseline is a copy of ``gluon_forward.py`` from another commit, e.g.
     git show 9227b09:src/liteattention/kernels/gluon_forward.py > /tmp/gluon_v9.py
     PYTHONPATH=src python bench/ab_gluon.py /tmp/gluon_v9.py [--shapes 1,40,32760,128;1,24,54256,128]
 
+With no baseline it times the current kernel alone, which is how bench/run_h200.sh uses it to show
+where a first step's time goes.
+
 For each shape, outputs, marks and statistics of every version are first compared with the current
 one's; then every version and case is timed in one interleaved run
 (liteattention.bench.interleaved_ms). Cases, as ratios to the version's own dense mode: dense again
 (the noise floor), the work list (planned in the call) with marking off, the same tiles as a
-precomputed ascending list, a first step (zero mask, planner, marking), and random masks at 50%
-and 90% with marking on.
+precomputed ascending list, the precomputed list with marking on, a first step (zero mask, planner,
+marking), and random masks (--sparsities) with marking on; then the planner alone, in ms.
+``--clock-log`` records nvidia-smi's SM clock and power samples while the timing runs.
 
 ``--ncu-mode dense|list|mark`` instead launches the current kernel twice in that mode and exits, for
 ``ncu --launch-skip 1 --launch-count 1`` to profile the second launch.
@@ -22,6 +26,7 @@ import argparse
 import importlib.util
 import math
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -105,17 +110,19 @@ def time_versions(shape: Shape, versions: dict[str, ModuleType], masks: dict[flo
         cases[f"{name}/dense again"] = lambda m=m: shape.call(m, use_list=False)
         cases[f"{name}/list"] = lambda m=m: shape.call(m)
         cases[f"{name}/ascending list"] = lambda m=m: shape.call(m, work=ascending)
+        cases[f"{name}/list + marking"] = lambda m=m: shape.call(m, bits.zero_(), -10.0, work=planned)
         cases[f"{name}/first step"] = lambda m=m: shape.call(m, bits.zero_(), -10.0)
         for sparsity, mask in masks.items():
             cases[f"{name}/s={sparsity}"] = lambda m=m, mask=mask: shape.call(m, bits.copy_(mask), -10.0)
+    cases["planner"] = lambda: shape.plan(shape.zero)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         times = {key: statistics.median(ts) for key, ts in interleaved_ms(cases, rounds).items()}
-    print(f"  cuDNN {times['cudnn']:.3f} ms")
+    print(f"  cuDNN {times['cudnn']:.3f} ms, planner alone {times['planner']:.3f} ms")
     for name in versions:
         dense = times[f"{name}/dense"]
         ratios = "  ".join(
             f"{case} {times[f'{name}/{case}'] / dense:.3f}"
-            for case in ("dense again", "list", "ascending list", "first step", *(f"s={sp}" for sp in masks))
+            for case in ("dense again", "list", "ascending list", "list + marking", "first step", *(f"s={sp}" for sp in masks))
         )
         print(f"  {name:>12}: dense {dense:.3f} ms ({dense / times['cudnn']:.3f}x cuDNN)  {ratios}", flush=True)
 
@@ -125,7 +132,9 @@ def main() -> None:
     parser.add_argument("baselines", nargs="*", type=Path, help="copies of gluon_forward.py to compare against")
     parser.add_argument("--shapes", default="1,40,32760,128;1,24,54256,128", help="B,H,S,D;...")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--sparsities", default="0.5,0.9", help="random masks timed with marking on (0.5 is also cross-checked)")
     parser.add_argument("--ncu-mode", choices=("dense", "list", "mark"), default=None)
+    parser.add_argument("--clock-log", type=Path, default=None, help="file for nvidia-smi's clock and power samples")
     args = parser.parse_args()
     if args.ncu_mode:
         shape = Shape(*map(int, args.shapes.split(";")[0].split(",")))
@@ -140,12 +149,26 @@ def main() -> None:
         torch.cuda.synchronize()
         return
     versions = {"current": gluon_forward} | {path.stem: load_version(path) for path in args.baselines}
-    for spec in args.shapes.split(";"):
-        shape = Shape(*map(int, spec.split(",")))
-        print(f"shape {spec} ({shape.g.k_tiles} k-tiles)", flush=True)
-        masks = {sp: pack_bits(make_mask("random", sp, shape.g, shape.q.shape[0], shape.q.shape[2], shape.q.device)) for sp in (0.5, 0.9)}
-        check(shape, versions, masks)
-        time_versions(shape, versions, masks, args.rounds)
+    smi = None
+    if args.clock_log:
+        query = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"
+        smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={query}", "--format=csv", "-lms", "200"],
+                               stdout=args.clock_log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        for spec in args.shapes.split(";"):
+            run_shape(spec, versions, args)
+    finally:
+        if smi is not None:
+            smi.terminate()
+
+
+def run_shape(spec: str, versions: dict[str, ModuleType], args: argparse.Namespace) -> None:
+    shape = Shape(*map(int, spec.split(",")))
+    print(f"shape {spec} ({shape.g.k_tiles} k-tiles)", flush=True)
+    sparsities = sorted({0.5, *map(float, args.sparsities.split(","))})
+    masks = {sp: pack_bits(make_mask("random", sp, shape.g, shape.q.shape[0], shape.q.shape[2], shape.q.device)) for sp in sparsities}
+    check(shape, versions, masks)
+    time_versions(shape, versions, masks, args.rounds)
 
 
 if __name__ == "__main__":

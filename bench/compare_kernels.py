@@ -58,9 +58,8 @@ def main() -> None:
                                work=work, stats=stats, return_lse=False, **kw)[0]
 
             zero = torch.zeros(b, h, g.q_tiles, g.words, dtype=torch.int32, device="cuda")
-            # The default launch, then its alternatives: one tile per step, and other ring depths.
-            gluon_variants = [{}, {"pairs": False, "stages": 3}]
-            gluon_variants += [{"stages": 4}] if gf.pairs_fit(bn, d) else [{"stages": 2}]
+            # The default launch, then its alternatives: a ring of two, and one 64-key tile per step.
+            gluon_variants = [{}, {"stages": 2}] + ([{"pairs": False}] if gf.step_tiles(bn) > 1 else [])
             variants = [("triton", tf.triton_forward, {})] + [("gluon", gf.gluon_forward, kw) for kw in gluon_variants]
             # Correctness first: dense values against cuDNN; marks and statistics of a first step at a
             # threshold that marks many tiles, and 50% sparse values, against the Triton kernel.

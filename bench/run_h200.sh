@@ -12,7 +12,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/run.log"
 LITEATTENTION_FULL=1 timeout 210 python3 -m pytest tests/test_semantics.py tests/test_gluon.py tests/test_bench.py -q \
     -k "triton or gluon or interleaved" -p no:cacheprovider 2>&1 | tail -12 | tee "$OUT/tests.log"
-timeout 30 python3 bench/first_step_overhead.py --clock-log "$OUT/clocks.csv" 2>&1 | tee "$OUT/first-step.log"
+timeout 60 python3 bench/ab_gluon.py --shapes 1,40,32760,128 --rounds 20 --clock-log "$OUT/clocks.csv" 2>&1 | grep -v Warning | tee "$OUT/first-step.log"
 timeout 140 python3 -m liteattention.cli bench --shapes wan14b-480p,ltx --out "$OUT/bench-main" 2>&1 \
     | grep -v Warning | tee -a "$OUT/run.log" | tail -4
 timeout 40 python3 -m liteattention.cli demo --device cuda --out "$OUT/demo" 2>&1 | tr '\r' '\n' \

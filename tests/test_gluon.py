@@ -33,9 +33,10 @@ signature = {
     "stride_oh": "i32", "heads": "i32", "seq_q": "i32", "seq_k": "i32", "k_tiles": "i32", "groups": "i32",
     "qk_scale": "fp32", "threshold": "fp32",
 }
+tiles = gf.step_tiles(block_n)
 constexprs = {
-    "STAGES": gf.default_stages(block_n, head_dim), "USE_LIST": bool(use_list), "MARK": bool(mark),
-    "WRITE_LSE": bool(lse), "EVEN_N": bool(even_n), "PAIRS": gf.pairs_fit(block_n, head_dim),
+    "STAGES": gf.default_stages(tiles * block_n, head_dim), "USE_LIST": bool(use_list), "MARK": bool(mark),
+    "WRITE_LSE": bool(lse), "MASK_ENDS": not even_n or tiles > 1, "STEP_TILES": tiles,
 }
 signature.update({name: "constexpr" for name in constexprs})
 source = GluonASTSource(fn=gf._gluon_attention_fwd, signature=signature, constexprs=constexprs)
@@ -46,8 +47,8 @@ open(sys.argv[7], "w").write(kernel.asm["ptx"])
 
 @pytest.mark.parametrize(
     "head_dim, block_n, use_list, mark, even_n, lse",
-    [(128, 64, 1, 1, 0, 1), (128, 128, 1, 1, 0, 0), (64, 128, 0, 0, 1, 0)],
-    ids=["pairs-marking-partial-lse", "single-marking-partial", "single-dense-d64"],
+    [(128, 64, 1, 1, 0, 1), (128, 128, 1, 1, 0, 0), (64, 128, 0, 0, 1, 0), (64, 64, 1, 1, 1, 0)],
+    ids=["pairs-marking-partial-lse", "single-marking-partial", "single-dense-d64", "pairs-marking-d64"],
 )
 def test_compiles_for_sm90_without_spills(tmp_path: Path, head_dim, block_n, use_list, mark, even_n, lse):
     # A fresh process: the compiler must see the real @gluon.jit functions, not the interpreter's.
@@ -112,7 +113,7 @@ def test_gluon_kernel_not_chosen_for_cpu_tensors():
     assert not gluon_supported(q, TileGeometry(128, 128, 128, 64), 128)
 
 
-@pytest.mark.parametrize("pairs, stages", [(True, 3), (False, 1), (False, 7)])
+@pytest.mark.parametrize("pairs, stages", [(True, 1), (True, 4), (False, 1), (False, 7)])
 def test_ring_too_small_or_too_large_is_refused(pairs, stages):
     q = torch.zeros(1, 256, 1, 128, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="stages: expected"):
@@ -126,7 +127,7 @@ ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == 
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on sm_90 only")
-@pytest.mark.parametrize("block_n, head_dim", [(64, 128), (128, 128), (128, 64)])
+@pytest.mark.parametrize("block_n, head_dim", [(64, 128), (128, 128), (64, 64), (128, 64)])
 @pytest.mark.parametrize(
     "seq_q, seq_k, must_do, must_skip, marked",
     [

@@ -10,9 +10,9 @@ scheduled the way FlashAttention-3 schedules Hopper, which Triton's own pipeline
   to back as asynchronous wgmma, and the softmax starts while PV is still on the tensor cores
   (ptxas moves most exponentials after the PV wait; the other consumer's wgmma keep the tensor
   cores busy meanwhile, and pinning them under PV measured slower: docs/performance.md, v10);
-- with 64-key tiles, two tiles make one step (one softmax update and one rescale of the output
-  accumulator per 128 keys): the per-step overheads of a 128-key tile, with marking still at
-  64-key granularity.
+- with 64-key tiles, two tiles make one 128-key step: the producer copies both into one ring
+  buffer, so a step is one QK^T and one PV wgmma and one softmax update, exactly as with 128-key
+  tiles, while each tile still gets its own verdict (the row max of each half of the scores).
 
 Marking needs every row of the q-tile, but the rows are split over eight warps: once per GROUP
 tiles each warp reduces its rows' verdict bits into one word with a warp-wide AND and stores it
@@ -62,14 +62,25 @@ def _tile_of(entry):
 
 
 @gluon.jit
+def _visited_tile(entries_row, pos, USE_LIST: gl.constexpr):
+    """The k-tile at visit position pos: the work list's entry, or pos itself without a list."""
+    if USE_LIST:
+        return _tile_of(gl.load(entries_row + pos))
+    else:
+        return pos
+
+
+@gluon.jit
 def _load_partition(
     q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
     entries_row, count, b, h, q_row0, seq_q, seq_k, USE_LIST: gl.constexpr,
 ):
-    """The producer warp: Q's two halves once, then K and V of each listed tile into the ring."""
+    """The producer warp: Q's two halves once, then K and V of each step's listed tiles into the
+    ring (one or two tiles per buffer)."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     STAGES: gl.constexpr = k_bufs.type.shape[0]
+    STEP_TILES: gl.constexpr = k_bufs.type.shape[1] // BLOCK_N
     for half in gl.static_range(2):
         # With nothing to compute (count 0) no consumer would wait for Q: leave no copy in flight.
         mbarrier.expect(q_bars.index(half), q_desc.block_type.nbytes, pred=count > 0)
@@ -77,46 +88,53 @@ def _load_partition(
             q_desc, [b * seq_q + q_row0 + half * HALF_M, h * HEAD_DIM], q_bars.index(half), q_smem.index(half),
             pred=count > 0,
         )
-    for i in range(count):
+    for i in range(gl.cdiv(count, STEP_TILES)):
         stage = i % STAGES
-        if USE_LIST:
-            kt = _tile_of(gl.load(entries_row + i))
-        else:
-            kt = i
-        # Wait until both consumers released the buffers' previous tile (the first round passes).
+        # Wait until both consumers released the buffers' previous step (the first round passes).
         mbarrier.wait(kv_empty.index(stage), ((i // STAGES) & 1) ^ 1)
-        row = b * seq_k + kt * BLOCK_N
-        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, h * HEAD_DIM], k_ready.index(stage), k_bufs.index(stage))
-        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row, h * HEAD_DIM], v_ready.index(stage), v_bufs.index(stage))
+        mbarrier.expect(k_ready.index(stage), STEP_TILES * k_desc.block_type.nbytes)
+        mbarrier.expect(v_ready.index(stage), STEP_TILES * v_desc.block_type.nbytes)
+        # A last step with one tile (count odd) fills its empty half with that tile again: finite
+        # keys, which the consumers mask out. All of the step's K goes before its V.
+        for t in gl.static_range(STEP_TILES):
+            kt = _visited_tile(entries_row, gl.minimum(i * STEP_TILES + t, count - 1), USE_LIST)
+            tma.async_copy_global_to_shared(
+                k_desc, [b * seq_k + kt * BLOCK_N, h * HEAD_DIM], k_ready.index(stage),
+                k_bufs.index(stage).slice(t * BLOCK_N, BLOCK_N),
+            )
+        for t in gl.static_range(STEP_TILES):
+            kt = _visited_tile(entries_row, gl.minimum(i * STEP_TILES + t, count - 1), USE_LIST)
+            tma.async_copy_global_to_shared(
+                v_desc, [b * seq_k + kt * BLOCK_N, h * HEAD_DIM], v_ready.index(stage),
+                v_bufs.index(stage).slice(t * BLOCK_N, BLOCK_N),
+            )
 
 
 @gluon.jit
-def _key_tile(entries_row, i, USE_LIST: gl.constexpr, EVEN_N: gl.constexpr):
-    """The k-tile at visit position i, which :func:`_scores` needs to find keys past seq_k (none
-    when every tile is full). Only the first and last positions can hold the partial last k-tile:
-    the visit order is the diagonal tile, then the rest ascending (``plan_work``), and without a
-    list it is plain ascending. So only the steps at the ends load an entry and mask; the steps in
-    between do neither (a per-step entry load cost 6-20% at Wan 480p, docs/performance.md, v9)."""
-    if EVEN_N:
-        return 0
-    elif USE_LIST:
-        return _tile_of(gl.load(entries_row + i))
+def _step_keys(
+    entries_row, step, count, seq_k, STEP_N: gl.constexpr, BLOCK_N: gl.constexpr, USE_LIST: gl.constexpr,
+    layout: gl.constexpr,
+):
+    """Key index of each column of step ``step``'s scores (visit positions step * STEP_TILES and
+    on). A position past count, the empty half of a last step, gets keys past seq_k."""
+    STEP_TILES: gl.constexpr = STEP_N // BLOCK_N
+    cols = gl.arange(0, STEP_N, layout=layout)
+    keys = cols
+    for t in gl.static_range(STEP_TILES):
+        pos = step * STEP_TILES + t
+        kt = gl.where(pos < count, _visited_tile(entries_row, gl.minimum(pos, count - 1), USE_LIST), gl.cdiv(seq_k, BLOCK_N))
+        keys = gl.where(cols // BLOCK_N == t, kt * BLOCK_N + cols % BLOCK_N, keys)
+    return keys
+
+
+@gluon.jit
+def _scores(s, keys, seq_k, qk_scale, MASKED: gl.constexpr):
+    """Scores in log2 units; with MASKED, keys past seq_k (another batch element's, zero fill, or
+    an empty half) get -inf."""
+    if MASKED:
+        return s * qk_scale + gl.where(keys < seq_k, 0.0, float("-inf"))[None, :]
     else:
-        return i
-
-
-@gluon.jit
-def _scores(s, kt, seq_k, qk_scale, EVEN_N: gl.constexpr):
-    """Scores of k-tile kt in log2 units; keys past seq_k (another batch element's or zero fill)
-    get -inf."""
-    if EVEN_N:
         return s * qk_scale
-    else:
-        BLOCK_N: gl.constexpr = s.type.shape[1]
-        offs_n = kt * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
-        return s * qk_scale + gl.where(offs_n < seq_k, 0.0, float("-inf"))[None, :]
 
 
 @gluon.jit
@@ -175,213 +193,124 @@ def _issue_pv(p_op, v_bufs, v_ready, j, acc):
 
 
 @gluon.jit
-def _release(kv_empty, j, n: gl.constexpr):
-    """Hand the buffers of visited tiles j .. j + n - 1 back to the producer, once every warp of
-    this warpgroup is past the wgmma that read them."""
+def _release(kv_empty, i):
+    """Hand the buffers of step i back to the producer, once every warp of this warpgroup is past
+    the wgmma that read them."""
     STAGES: gl.constexpr = kv_empty.type.shape[0]
     gl.thread_barrier()
-    for t in gl.static_range(n):
-        mbarrier.arrive(kv_empty.index((j + t) % STAGES), count=1)
+    mbarrier.arrive(kv_empty.index(i % STAGES), count=1)
 
 
 @gluon.jit
-def _online_softmax(s, m_i, l_i):
-    tile_max = gl.max(s, 1)
-    m_new = gl.maximum(m_i, tile_max)
+def _verdict_bit(row_bits, gap, threshold, padding_rows, pos):
+    negligible = (gap < threshold) | padding_rows
+    return row_bits | (negligible.to(gl.int64) << (pos % GROUP))
+
+
+@gluon.jit
+def _online_softmax(s, m_i, l_i, row_bits, pos, threshold, padding_rows, MARK: gl.constexpr, BLOCK_N: gl.constexpr):
+    """One step's update of the running max and sum; returns P and the output's rescale factor.
+    With MARK, also sets the verdict bit of each of the step's tiles (visit positions pos and on):
+    a tile's gap is its max against the running max just before it, so the marks are the same
+    whether the tiles come one or two per step."""
+    if MARK:
+        if s.type.shape[1] == BLOCK_N:
+            tile_max = gl.max(s, 1)
+            row_bits = _verdict_bit(row_bits, tile_max - m_i, threshold, padding_rows, pos)
+            m_new = gl.maximum(m_i, tile_max)
+        else:
+            # Each half's row max from the same registers: a thread holds columns of both halves.
+            max0, max1 = gl.split(gl.max(gl.reshape(s, [s.type.shape[0], 2, BLOCK_N]), 2))
+            max0 = gl.convert_layout(max0, m_i.type.layout, assert_trivial=True)
+            max1 = gl.convert_layout(max1, m_i.type.layout, assert_trivial=True)
+            row_bits = _verdict_bit(row_bits, max0 - m_i, threshold, padding_rows, pos)
+            m_mid = gl.maximum(m_i, max0)
+            row_bits = _verdict_bit(row_bits, max1 - m_mid, threshold, padding_rows, pos + 1)
+            m_new = gl.maximum(m_mid, max1)
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, 1))
     p = gl.exp2(s - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
-    return p, m_new, l_i, alpha, tile_max - m_i
+    return p, m_new, l_i, alpha, row_bits
 
 
 @gluon.jit
-def _online_softmax_pair(s0, s1, m_i, l_i):
-    """Two consecutive visited tiles in one update. Each tile's gap is taken against the running
-    max just before it, exactly as when the tiles are visited one at a time."""
-    max0 = gl.max(s0, 1)
-    max1 = gl.max(s1, 1)
-    m_mid = gl.maximum(m_i, max0)
-    m_new = gl.maximum(m_mid, max1)
-    p0 = gl.exp2(s0 - m_new[:, None])
-    p1 = gl.exp2(s1 - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p0 + p1, 1)
-    return p0, p1, m_new, l_i, alpha, max0 - m_i, max1 - m_mid
-
-
-@gluon.jit
-def _verdict_bit(row_bits, gap, threshold, padding_rows, j):
-    negligible = (gap < threshold) | padding_rows
-    return row_bits | (negligible.to(gl.int64) << (j % GROUP))
-
-
-@gluon.jit
-def _single_step(
-    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, kt, p_op, m_i, l_i, acc, row_bits, zero_s, padding_rows,
-    verdicts_row, seq_k, qk_scale, threshold, MARK: gl.constexpr, EVEN_N: gl.constexpr,
+def _step(
+    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, keys, p_op, m_i, l_i, acc, row_bits, zero_s, padding_rows,
+    verdicts_row, seq_k, qk_scale, threshold, BLOCK_N: gl.constexpr, MARK: gl.constexpr, MASKED: gl.constexpr,
 ):
-    """Visited tile i (k-tile kt, masked unless EVEN_N): its QK^T and PV of tile i - 1 in flight
-    together, then its softmax while that PV runs. Returns the operand of its own PV and the
-    updated row state."""
+    """Step i (> 0): its QK^T and PV of step i - 1 in flight together, then its softmax while that
+    PV runs. Returns the operand of its own PV and the updated row state."""
+    STEP_TILES: gl.constexpr = k_bufs.type.shape[1] // BLOCK_N
     dtype: gl.constexpr = k_bufs.dtype
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
     s = _issue_qk(q, k_bufs, k_ready, i, zero_s)
     acc = _issue_pv(p_op, v_bufs, v_ready, i - 1, acc)
-    # wgmma groups retire in order: one outstanding means QK^T of tile i is done.
+    # wgmma groups retire in order: one outstanding means QK^T of step i is done.
     s = warpgroup_mma_wait(1, deps=(s,))
-    p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, kt, seq_k, qk_scale, EVEN_N), m_i, l_i)
-    if MARK:
-        row_bits = _verdict_bit(row_bits, gap, threshold, padding_rows, i)
+    p, m_i, l_i, alpha, row_bits = _online_softmax(
+        _scores(s, keys, seq_k, qk_scale, MASKED), m_i, l_i, row_bits, i * STEP_TILES, threshold, padding_rows,
+        MARK, BLOCK_N,
+    )
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-    _release(kv_empty, i - 1, 1)
+    _release(kv_empty, i - 1)
     acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     if MARK:
-        if i % GROUP == GROUP - 1:
-            _store_verdict(row_bits, i // GROUP, verdicts_row)
+        # A step's tiles never straddle two groups (GROUP is a multiple of STEP_TILES).
+        if (i * STEP_TILES + STEP_TILES - 1) % GROUP == GROUP - 1:
+            _store_verdict(row_bits, i * STEP_TILES // GROUP, verdicts_row)
             row_bits = gl.zeros_like(row_bits)
     return p_op, m_i, l_i, acc, row_bits
 
 
 @gluon.jit
-def _consume_single(
+def _consume(
     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
     entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
-    USE_LIST: gl.constexpr, MARK: gl.constexpr, EVEN_N: gl.constexpr,
+    BLOCK_N: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, MASK_ENDS: gl.constexpr,
 ):
-    """Visited tiles one per step: QK^T of tile i and PV of tile i-1 in flight together. Returns
-    the running max, sum and output, and the verdict bits of the last group (not yet stored)."""
+    """Every listed tile, STEP_TILES per step (one softmax update and one output rescale per
+    step). Returns the running max, sum and output, and the verdict bits not yet stored.
+
+    Only the first and the last step can hold a key to mask (MASK_ENDS): the partial last k-tile
+    is visited first or last (the diagonal tile, then the rest ascending, ``plan_work``; plain
+    ascending without a list), and only the last step can have an empty half. So only the steps
+    at the ends load entries and mask; the steps in between do neither (a per-step entry load
+    cost 6-20% at Wan 480p, docs/performance.md, v9)."""
+    STEP_N: gl.constexpr = k_bufs.type.shape[1]
     dtype: gl.constexpr = k_bufs.dtype
+    cols: gl.constexpr = gl.SliceLayout(0, zero_s.type.layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
-    # Tile 0 alone: nothing to overlap its softmax with yet. Its gap is +inf (no running max),
-    # so only padding rows find it negligible and it is never marked.
-    kt = _key_tile(entries_row, 0, USE_LIST, EVEN_N)
+    steps = gl.cdiv(count, STEP_N // BLOCK_N)
+    # Step 0 alone: nothing to overlap its softmax with yet. Its first tile's gap is +inf (no
+    # running max), so only padding rows find it negligible and it is never marked.
+    keys = 0
+    if MASK_ENDS:
+        keys = _step_keys(entries_row, 0, count, seq_k, STEP_N, BLOCK_N, USE_LIST, cols)
     s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_bufs, k_ready, 0, zero_s),))
-    p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, kt, seq_k, qk_scale, EVEN_N), m_i, l_i)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
-    row_bits = padding_rows.to(gl.int64)
-    for i in range(1, count - 1):
-        p_op, m_i, l_i, acc, row_bits = _single_step(
-            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, row_bits, zero_s,
-            padding_rows, verdicts_row, seq_k, qk_scale, threshold, MARK, True,
-        )
-    if count > 1:
-        p_op, m_i, l_i, acc, row_bits = _single_step(
-            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, count - 1, _key_tile(entries_row, count - 1, USE_LIST, EVEN_N),
-            p_op, m_i, l_i, acc, row_bits, zero_s, padding_rows, verdicts_row, seq_k, qk_scale, threshold, MARK, EVEN_N,
-        )
-    acc = _issue_pv(p_op, v_bufs, v_ready, count - 1, acc)
-    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-    _release(kv_empty, count - 1, 1)
-    return m_i, l_i, acc, row_bits
-
-
-@gluon.jit
-def _pair_step(
-    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, j, kt1, p0_op, p1_op, m_i, l_i, acc, row_bits, zero_s,
-    padding_rows, verdicts_row, seq_k, qk_scale, threshold, MARK: gl.constexpr, EVEN_N: gl.constexpr,
-):
-    """Visited tiles j and j + 1 (j even and > 0; tile j + 1 is k-tile kt1, masked unless EVEN_N):
-    their QK^T and PV of the previous pair in flight together, then one softmax update and one
-    output rescale for both while that PV runs. Returns the operands of the pair's own PV and the
-    updated row state."""
-    dtype: gl.constexpr = k_bufs.dtype
-    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
-    s0 = _issue_qk(q, k_bufs, k_ready, j, zero_s)
-    s1 = _issue_qk(q, k_bufs, k_ready, j + 1, zero_s)
-    acc = _issue_pv(p0_op, v_bufs, v_ready, j - 2, acc)
-    acc = _issue_pv(p1_op, v_bufs, v_ready, j - 1, acc)
-    # Two of the four groups outstanding: both QK^T of the pair are done.
-    s0, s1 = warpgroup_mma_wait(2, deps=(s0, s1))
-    p0, p1, m_i, l_i, alpha, gap0, gap1 = _online_softmax_pair(
-        _scores(s0, 0, seq_k, qk_scale, True), _scores(s1, kt1, seq_k, qk_scale, EVEN_N), m_i, l_i,
+    p, m_i, l_i, alpha, row_bits = _online_softmax(
+        _scores(s, keys, seq_k, qk_scale, MASK_ENDS), m_i, l_i, gl.zeros_like(padding_rows.to(gl.int64)), 0,
+        threshold, padding_rows, MARK, BLOCK_N,
     )
-    if MARK:
-        row_bits = _verdict_bit(row_bits, gap0, threshold, padding_rows, j)
-        row_bits = _verdict_bit(row_bits, gap1, threshold, padding_rows, j + 1)
-    acc, p0_op, p1_op = warpgroup_mma_wait(0, deps=(acc, p0_op, p1_op))
-    _release(kv_empty, j - 2, 2)
-    acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-    p0_op = gl.convert_layout(p0.to(dtype), p_layout)
-    p1_op = gl.convert_layout(p1.to(dtype), p_layout)
-    if MARK:
-        # j is even, so a pair never straddles two groups.
-        if (j + 1) % GROUP == GROUP - 1:
-            _store_verdict(row_bits, j // GROUP, verdicts_row)
-            row_bits = gl.zeros_like(row_bits)
-    return p0_op, p1_op, m_i, l_i, acc, row_bits
-
-
-@gluon.jit
-def _consume_pairs(
-    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
-    entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
-    USE_LIST: gl.constexpr, MARK: gl.constexpr, EVEN_N: gl.constexpr,
-):
-    """Visited tiles two per step (j, j + 1): one softmax update and one acc rescale per pair,
-    with QK^T of the pair and PV of the previous pair in flight together. A single tile is
-    left over when count is odd (and is all there is when count is 1). Returns as
-    :func:`_consume_single` does."""
-    dtype: gl.constexpr = k_bufs.dtype
-    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
-    row_bits = padding_rows.to(gl.int64)
-    if count == 1:
-        kt = _key_tile(entries_row, 0, USE_LIST, EVEN_N)
-        s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_bufs, k_ready, 0, zero_s),))
-        p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, kt, seq_k, qk_scale, EVEN_N), m_i, l_i)
-        acc = _issue_pv(gl.convert_layout(p.to(dtype), p_layout), v_bufs, v_ready, 0, acc)
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        _release(kv_empty, 0, 1)
-    else:
-        # The first pair alone: tile 0's gap is +inf, so only padding rows find it negligible.
-        kt0 = _key_tile(entries_row, 0, USE_LIST, EVEN_N)
-        kt1 = _key_tile(entries_row, 1, USE_LIST, EVEN_N)
-        s0 = _issue_qk(q, k_bufs, k_ready, 0, zero_s)
-        s1 = _issue_qk(q, k_bufs, k_ready, 1, zero_s)
-        s0, s1 = warpgroup_mma_wait(0, deps=(s0, s1))
-        p0, p1, m_i, l_i, alpha, gap0, gap1 = _online_softmax_pair(
-            _scores(s0, kt0, seq_k, qk_scale, EVEN_N), _scores(s1, kt1, seq_k, qk_scale, EVEN_N), m_i, l_i,
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    for i in range(1, steps - 1):
+        p_op, m_i, l_i, acc, row_bits = _step(
+            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, row_bits, zero_s,
+            padding_rows, verdicts_row, seq_k, qk_scale, threshold, BLOCK_N, MARK, False,
         )
-        if MARK:
-            row_bits = _verdict_bit(row_bits, gap1, threshold, padding_rows, 1)
-        p0_op = gl.convert_layout(p0.to(dtype), p_layout)
-        p1_op = gl.convert_layout(p1.to(dtype), p_layout)
-        # Pairs short of the last tile need no mask; the pair ending on it (count even) has one.
-        for j in range(2, count - 2, 2):
-            p0_op, p1_op, m_i, l_i, acc, row_bits = _pair_step(
-                q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, j, 0, p0_op, p1_op, m_i, l_i, acc, row_bits,
-                zero_s, padding_rows, verdicts_row, seq_k, qk_scale, threshold, MARK, True,
-            )
-        if count % 2 == 0 and count > 2:
-            p0_op, p1_op, m_i, l_i, acc, row_bits = _pair_step(
-                q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, count - 2, _key_tile(entries_row, count - 1, USE_LIST, EVEN_N),
-                p0_op, p1_op, m_i, l_i, acc, row_bits, zero_s, padding_rows, verdicts_row, seq_k, qk_scale, threshold,
-                MARK, EVEN_N,
-            )
-        last_pair = (count - 2) // 2 * 2  # the pair whose PV is still to issue
-        if count % 2 == 1:
-            kt = _key_tile(entries_row, count - 1, USE_LIST, EVEN_N)
-            s = _issue_qk(q, k_bufs, k_ready, count - 1, zero_s)
-            acc = _issue_pv(p0_op, v_bufs, v_ready, last_pair, acc)
-            acc = _issue_pv(p1_op, v_bufs, v_ready, last_pair + 1, acc)
-            s = warpgroup_mma_wait(2, deps=(s,))
-            p, m_i, l_i, alpha, gap = _online_softmax(_scores(s, kt, seq_k, qk_scale, EVEN_N), m_i, l_i)
-            if MARK:
-                row_bits = _verdict_bit(row_bits, gap, threshold, padding_rows, count - 1)
-            acc, p0_op, p1_op = warpgroup_mma_wait(0, deps=(acc, p0_op, p1_op))
-            _release(kv_empty, last_pair, 2)
-            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-            acc = _issue_pv(gl.convert_layout(p.to(dtype), p_layout), v_bufs, v_ready, count - 1, acc)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-            _release(kv_empty, count - 1, 1)
-        else:
-            acc = _issue_pv(p0_op, v_bufs, v_ready, last_pair, acc)
-            acc = _issue_pv(p1_op, v_bufs, v_ready, last_pair + 1, acc)
-            acc, p0_op, p1_op = warpgroup_mma_wait(0, deps=(acc, p0_op, p1_op))
-            _release(kv_empty, last_pair, 2)
+    if steps > 1:
+        if MASK_ENDS:
+            keys = _step_keys(entries_row, steps - 1, count, seq_k, STEP_N, BLOCK_N, USE_LIST, cols)
+        p_op, m_i, l_i, acc, row_bits = _step(
+            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, steps - 1, keys, p_op, m_i, l_i, acc, row_bits, zero_s,
+            padding_rows, verdicts_row, seq_k, qk_scale, threshold, BLOCK_N, MARK, MASK_ENDS,
+        )
+    acc = _issue_pv(p_op, v_bufs, v_ready, steps - 1, acc)
+    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+    _release(kv_empty, steps - 1)
     return m_i, l_i, acc, row_bits
 
 
@@ -390,14 +319,14 @@ def _consumer_partition(
     half: gl.constexpr, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
     Out, Lse, entries_row, verdicts_row, count, b, h, pid_bh, q_row0,
     seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
-    USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr, EVEN_N: gl.constexpr,
-    PAIRS: gl.constexpr,
+    BLOCK_N: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr,
+    MASK_ENDS: gl.constexpr,
 ):
     """One warpgroup: rows [half * 64, half * 64 + 64) of the q-tile over every listed tile."""
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
-    BLOCK_N: gl.constexpr = k_bufs.type.shape[1]
+    STEP_N: gl.constexpr = k_bufs.type.shape[1]
     dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, STEP_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
     rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -407,26 +336,20 @@ def _consumer_partition(
     m_i = gl.full([HALF_M], float("-inf"), gl.float32, rows)
     l_i = gl.zeros([HALF_M], gl.float32, rows)
     acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
-    zero_s = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
+    zero_s = gl.zeros([HALF_M, STEP_N], gl.float32, s_layout)
     if count > 0:
         q = q_smem.index(half)
         mbarrier.wait(q_bars.index(half), 0)
-        if PAIRS:
-            m_i, l_i, acc, row_bits = _consume_pairs(
-                q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
-                entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
-                USE_LIST, MARK, EVEN_N,
-            )
-        else:
-            m_i, l_i, acc, row_bits = _consume_single(
-                q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
-                entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
-                USE_LIST, MARK, EVEN_N,
-            )
-        # The last group's word, unless the loop stored it on its last tile.
+        m_i, l_i, acc, row_bits = _consume(
+            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
+            entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
+            BLOCK_N, USE_LIST, MARK, MASK_ENDS,
+        )
+        # The last group's word, unless the loop stored it with its last step.
         if MARK:
-            if (count - 1) % GROUP != GROUP - 1:
-                _store_verdict(row_bits, (count - 1) // GROUP, verdicts_row)
+            last = gl.cdiv(count, STEP_N // BLOCK_N) * (STEP_N // BLOCK_N) - 1
+            if last % GROUP != GROUP - 1:
+                _store_verdict(row_bits, last // GROUP, verdicts_row)
 
     out = acc / gl.convert_layout(l_i, o_rows)[:, None]
     offs_m = first_row + gl.arange(0, HALF_M, layout=o_rows)
@@ -450,7 +373,7 @@ def _gluon_attention_fwd(
     heads, seq_q, seq_k, k_tiles, groups,
     qk_scale, threshold,
     STAGES: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr,
-    EVEN_N: gl.constexpr, PAIRS: gl.constexpr,
+    MASK_ENDS: gl.constexpr, STEP_TILES: gl.constexpr,
 ):
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -465,8 +388,11 @@ def _gluon_attention_fwd(
         count = k_tiles
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+    # A ring buffer holds one step: STEP_TILES k-tiles, one TMA copy each.
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, STEP_TILES * BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, STEP_TILES * BLOCK_N, HEAD_DIM], v_desc.layout)
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -485,13 +411,13 @@ def _gluon_attention_fwd(
                 0, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
                 Out, Lse, entries_row, Verdicts + row * groups * VERDICT_WARPS, count, b, h, pid_bh, q_row0,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
-                USE_LIST, MARK, WRITE_LSE, EVEN_N, PAIRS,
+                BLOCK_N, USE_LIST, MARK, WRITE_LSE, MASK_ENDS,
             )),
             (_consumer_partition, (
                 1, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
                 Out, Lse, entries_row, Verdicts + row * groups * VERDICT_WARPS + VERDICT_WARPS // 2, count, b, h, pid_bh, q_row0,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
-                USE_LIST, MARK, WRITE_LSE, EVEN_N, PAIRS,
+                BLOCK_N, USE_LIST, MARK, WRITE_LSE, MASK_ENDS,
             )),
             (_load_partition, (
                 q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
@@ -503,30 +429,30 @@ def _gluon_attention_fwd(
     )
 
 
-def stages_for(block_n: int, head_dim: int, itemsize: int = 2) -> int:
-    """Deepest K/V ring (at most 6) that fits next to Q's two halves in shared memory."""
+def stages_for(step_n: int, head_dim: int, itemsize: int = 2) -> int:
+    """Deepest K/V ring (at most 6) of step_n-key buffers that fits next to Q's two halves in
+    shared memory."""
     q_bytes = 2 * HALF_M.value * head_dim * itemsize
-    stage_bytes = 2 * block_n * head_dim * itemsize
+    stage_bytes = 2 * step_n * head_dim * itemsize
     return max(0, min(6, (SMEM_BYTES - q_bytes) // stage_bytes))
 
 
-def pairs_fit(block_n: int, head_dim: int) -> bool:
-    """Two 64-key tiles per step fit the consumers' registers up to head dim 128 (ptxas reports
-    spills for 128-key tiles or head dim 256)."""
-    return block_n == 64 and head_dim <= 128
+def step_tiles(block_n: int) -> int:
+    """k-tiles per step: two 64-key tiles make one 128-key step (one wgmma each way and one softmax
+    update per 128 keys, with the verdicts still per 64-key tile); 128-key tiles go one per step."""
+    return 2 if block_n == 64 else 1
 
 
-def default_stages(block_n: int, head_dim: int, itemsize: int = 2) -> int:
-    """The ring depth measured best: 6 with two tiles per step (4 leaves too little prefetch),
-    3 with one (2 to 4 measured within noise of each other)."""
-    return min(6 if pairs_fit(block_n, head_dim) else 3, stages_for(block_n, head_dim, itemsize))
+def default_stages(step_n: int, head_dim: int, itemsize: int = 2) -> int:
+    """The ring depth measured best with 128-key steps: 3 (2 to 4 measured within noise of each
+    other)."""
+    return min(3, stages_for(step_n, head_dim, itemsize))
 
 
 def gluon_supported(q: torch.Tensor, geometry: TileGeometry, head_dim: int) -> bool:
     """Whether the Gluon kernel runs this call: on sm_90, for the tile shapes and (padded) head
     dims where it measured faster than the portable kernel (docs/performance.md): 128-row q-tiles
-    with 64- or 128-key k-tiles at head dim 128, and with 128-key k-tiles at head dim 64 (with
-    64-key tiles there the portable kernel is faster). LITEATTENTION_GLUON=0 in the environment
+    with 64- or 128-key k-tiles at head dims 64 and 128. LITEATTENTION_GLUON=0 in the environment
     keeps every call on the portable kernel, as does a Triton other than 3.6 (Gluon is
     experimental and its API changes between releases)."""
     return (
@@ -535,7 +461,8 @@ def gluon_supported(q: torch.Tensor, geometry: TileGeometry, head_dim: int) -> b
         and q.is_cuda
         and torch.cuda.get_device_capability(q.device) == (9, 0)
         and geometry.block_m == 2 * HALF_M.value
-        and (geometry.block_n, head_dim) in ((64, 128), (128, 128), (128, 64))
+        and geometry.block_n in (64, 128)
+        and head_dim in (64, 128)
     )
 
 
@@ -572,15 +499,15 @@ def gluon_forward(
     # Per-call scratch: each consumer warp's verdict words, one int64 per GROUP visited tiles.
     verdicts = torch.empty(rows, groups, VERDICT_WARPS.value, dtype=torch.int64, device=q.device) if mark else dummy
     bn = geometry.block_n
-    pairs = pairs_fit(bn, head_dim) if pairs is None else pairs
-    stages = stages or default_stages(bn, head_dim, q.element_size())
-    # A step holds the buffers of the tiles whose QK^T and PV are in flight (2, or 4 with pairs);
-    # a smaller ring would wait forever for a buffer it holds itself.
-    fits = stages_for(bn, head_dim, q.element_size())
-    if stages < (4 if pairs else 2) or stages > fits:
+    tiles = step_tiles(bn) if pairs is None else 1 + bool(pairs)
+    stages = stages or default_stages(tiles * bn, head_dim, q.element_size())
+    # A step holds the buffers of the steps whose QK^T and PV are in flight (two); a smaller ring
+    # would wait forever for a buffer it holds itself.
+    fits = stages_for(tiles * bn, head_dim, q.element_size())
+    if stages < 2 or stages > fits:
         raise ValueError(
-            f"stages: expected {4 if pairs else 2} to {fits} for "
-            f"{'two tiles' if pairs else 'one tile'} per step at block_n={bn}, head_dim={head_dim}; got {stages}"
+            f"stages: expected 2 to {fits} for {tiles} tile(s) per step at block_n={bn}, "
+            f"head_dim={head_dim}; got {stages}"
         )
     _gluon_attention_fwd[(geometry.q_tiles, batch * heads)](
         _descriptor(q, HALF_M.value), _descriptor(k, bn), _descriptor(v, bn),
@@ -589,7 +516,7 @@ def gluon_forward(
         heads, seq_q, k.shape[1], geometry.k_tiles, groups,
         scale * LOG2E, threshold if mark else 0.0,
         STAGES=stages, USE_LIST=work is not None, MARK=mark, WRITE_LSE=return_lse,
-        EVEN_N=k.shape[1] % bn == 0, PAIRS=pairs,
+        MASK_ENDS=k.shape[1] % bn != 0 or tiles > 1, STEP_TILES=tiles,
         # 4 + 4 + 1 warps occupy three warpgroups: 12 x 32 threads x 168 registers fit the 64K
         # register file; the producer then gives its registers up to the two consumers.
         num_warps=4, maxnreg=168,
