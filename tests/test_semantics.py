@@ -284,3 +284,21 @@ def test_triton_work_planner_matches_plan(seq_q, seq_k):
                 assert [e if e >= 0 else -e - 1 for e in listed] == expected
                 assert [e < 0 for e in listed] == [not plan.markable[j] for j in expected]
     assert stats.tolist()[:2] == [int(plan.computed.sum()), int(mask.sum())]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="GPU synchronisation")
+def test_triton_call_with_state_never_waits_for_the_gpu():
+    """A layer's call queues its work and returns: nothing on the way (planning inputs, statistics)
+    waits for the GPU, so the host prepares the next layer while this one runs."""
+    q, k, v = (torch.randn(1, 512, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    attn = LiteAttention(threshold=-8.0)
+    attn(q, k, v, must_do=(0, 77))  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError):  # the check sees a copy from host memory, which waits
+            torch.ones(4).to("cuda")
+        attn(q, k, v, must_do=(0, 77))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert attn.step == 2
