@@ -23,6 +23,7 @@ marking), and random masks (--sparsities) with marking on; then the planner alon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import math
 import statistics
@@ -149,17 +150,16 @@ def main() -> None:
         torch.cuda.synchronize()
         return
     versions = {"current": gluon_forward} | {path.stem: load_version(path) for path in args.baselines}
-    smi = None
-    if args.clock_log:
-        query = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"
-        smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={query}", "--format=csv", "-lms", "200"],
-                               stdout=args.clock_log.open("w"), stderr=subprocess.STDOUT)
-    try:
+    with contextlib.ExitStack() as stack:
+        if args.clock_log:
+            query = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"
+            log = stack.enter_context(args.clock_log.open("w"))
+            smi = stack.enter_context(subprocess.Popen(
+                ["nvidia-smi", f"--query-gpu={query}", "--format=csv", "-lms", "200"], stdout=log, stderr=subprocess.STDOUT,
+            ))
+            stack.callback(smi.terminate)  # runs first: the Popen exit then waits for it
         for spec in args.shapes.split(";"):
             run_shape(spec, versions, args)
-    finally:
-        if smi is not None:
-            smi.terminate()
 
 
 def run_shape(spec: str, versions: dict[str, ModuleType], args: argparse.Namespace) -> None:

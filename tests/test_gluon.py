@@ -13,6 +13,7 @@ import torch
 import triton
 
 from conftest import DEVICE
+from liteattention.kernels import gluon_forward as gf
 from liteattention.kernels.gluon_forward import GROUP, VERDICT_WARPS, _apply_verdicts, gluon_forward, gluon_supported
 from liteattention.state import TileGeometry, pack_bits
 
@@ -47,8 +48,8 @@ open(sys.argv[7], "w").write(kernel.asm["ptx"])
 
 @pytest.mark.parametrize(
     "head_dim, block_n, use_list, mark, even_n, lse",
-    [(128, 64, 1, 1, 0, 1), (128, 128, 1, 1, 0, 0), (64, 128, 0, 0, 1, 0), (64, 64, 1, 1, 1, 0)],
-    ids=["pairs-marking-partial-lse", "single-marking-partial", "single-dense-d64", "pairs-marking-d64"],
+    [(128, 64, 1, 1, 0, 1), (128, 128, 1, 1, 0, 0), (128, 128, 1, 1, 1, 0), (64, 128, 0, 0, 1, 0), (64, 64, 1, 1, 0, 0)],
+    ids=["pairs-marking-partial-lse", "single-marking-partial", "single-marking-even", "single-dense-d64", "pairs-marking-d64"],
 )
 def test_compiles_for_sm90_without_spills(tmp_path: Path, head_dim, block_n, use_list, mark, even_n, lse):
     # A fresh process: the compiler must see the real @gluon.jit functions, not the interpreter's.
@@ -113,12 +114,24 @@ def test_gluon_kernel_not_chosen_for_cpu_tensors():
     assert not gluon_supported(q, TileGeometry(128, 128, 128, 64), 128)
 
 
-@pytest.mark.parametrize("pairs, stages", [(True, 1), (True, 4), (False, 1), (False, 7)])
-def test_ring_too_small_or_too_large_is_refused(pairs, stages):
+def test_ring_depths_fit_shared_memory():
+    # A 128-key step of K and V takes 64 KiB at head dim 128 (3 fit next to Q's 32 KiB), 32 KiB
+    # at head dim 64 (6 fit, the cap); the default is 3 wherever 3 fit.
+    assert (gf.stages_for(128, 128), gf.stages_for(128, 64), gf.stages_for(64, 128)) == (3, 6, 6)
+    assert gf.default_stages(128, 128) == gf.default_stages(128, 64) == 3
+    assert (gf.step_tiles(64), gf.step_tiles(128)) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "block_n, pairs, stages, match",
+    [(64, True, 1, "stages: expected"), (64, True, 4, "stages: expected"), (64, False, 0, "stages: expected"),
+     (64, False, 7, "stages: expected"), (128, True, None, "pairs: two tiles per step need 64-key tiles")],
+)
+def test_bad_launch_options_are_refused(block_n, pairs, stages, match):
     q = torch.zeros(1, 256, 1, 128, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="stages: expected"):
+    with pytest.raises(ValueError, match=match):
         gluon_forward(
-            q, q, q, TileGeometry(256, 256, 128, 64), scale=1.0, threshold=-10.0, bits=None, work=None,
+            q, q, q, TileGeometry(256, 256, 128, block_n), scale=1.0, threshold=-10.0, bits=None, work=None,
             stats=torch.zeros(3, dtype=torch.int64), return_lse=False, stages=stages, pairs=pairs,
         )
 
@@ -135,6 +148,7 @@ ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == 
         (300, 2100, ((0, 77),), (), 0.5),  # Sq != Sk, must-do keys inside the first tile
         (640, 4096, ((4000, 4096),), ((0, 256),), 0.97),  # near-full mask: 1 to 6 tiles per row
         (257, 330, (), (), 0.3),  # the last q-tile's diagonal tile is the partial last k-tile: visited first
+        (256, 8133, (), (), 0.02),  # 128 k-tiles of 64 keys, 2% pre-marked: two verdict groups, odd and even counts
     ],
 )
 def test_gluon_matches_portable_kernel(block_n, head_dim, seq_q, seq_k, must_do, must_skip, marked):

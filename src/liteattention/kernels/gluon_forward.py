@@ -499,8 +499,10 @@ def gluon_forward(
     # Per-call scratch: each consumer warp's verdict words, one int64 per GROUP visited tiles.
     verdicts = torch.empty(rows, groups, VERDICT_WARPS.value, dtype=torch.int64, device=q.device) if mark else dummy
     bn = geometry.block_n
+    if pairs and bn != 64:
+        raise ValueError(f"pairs: two tiles per step need 64-key tiles; got block_n={bn}")
     tiles = step_tiles(bn) if pairs is None else 1 + bool(pairs)
-    stages = stages or default_stages(tiles * bn, head_dim, q.element_size())
+    stages = default_stages(tiles * bn, head_dim, q.element_size()) if stages is None else stages
     # A step holds the buffers of the steps whose QK^T and PV are in flight (two); a smaller ring
     # would wait forever for a buffer it holds itself.
     fits = stages_for(tiles * bn, head_dim, q.element_size())
