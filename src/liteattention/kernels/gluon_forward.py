@@ -444,8 +444,8 @@ def step_tiles(block_n: int) -> int:
 
 
 def default_stages(step_n: int, head_dim: int, itemsize: int = 2) -> int:
-    """The ring depth measured best with 128-key steps: 3 (2 to 4 measured within noise of each
-    other)."""
+    """The ring depth measured best with 128-key steps: 3 (2 to 4 within noise of each other at
+    head dim 128; 5 at head dim 64 was slower with marking, docs/performance.md, v13)."""
     return min(3, stages_for(step_n, head_dim, itemsize))
 
 
