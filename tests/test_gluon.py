@@ -37,7 +37,7 @@ signature = {
 tiles = gf.step_tiles(block_n)
 constexprs = {
     "STAGES": gf.default_stages(tiles * block_n, head_dim), "USE_LIST": bool(use_list), "MARK": bool(mark),
-    "WRITE_LSE": bool(lse), "MASK_ENDS": not even_n or tiles > 1, "STEP_TILES": tiles,
+    "WRITE_LSE": bool(lse), "MASK_ENDS": not even_n or tiles > 1, "STEP_TILES": tiles, "PINGPONG": gf.pingpong(head_dim),
 }
 signature.update({name: "constexpr" for name in constexprs})
 source = GluonASTSource(fn=gf._gluon_attention_fwd, signature=signature, constexprs=constexprs)

@@ -128,13 +128,13 @@ def _step_keys(
 
 
 @gluon.jit
-def _scores(s, keys, seq_k, qk_scale, MASKED: gl.constexpr):
-    """Scores in log2 units; with MASKED, keys past seq_k (another batch element's, zero fill, or
-    an empty half) get -inf."""
+def _masked(s, keys, seq_k, MASKED: gl.constexpr):
+    """With MASKED, keys past seq_k (another batch element's, zero fill, or an empty half) get
+    -inf. The scores stay unscaled: see _online_softmax."""
     if MASKED:
-        return s * qk_scale + gl.where(keys < seq_k, 0.0, float("-inf"))[None, :]
+        return s + gl.where(keys < seq_k, 0.0, float("-inf"))[None, :]
     else:
-        return s * qk_scale
+        return s
 
 
 @gluon.jit
@@ -193,6 +193,41 @@ def _issue_pv(p_op, v_bufs, v_ready, j, acc):
 
 
 @gluon.jit
+def _named_barrier(token, asm: gl.constexpr):
+    """``bar.sync`` / ``bar.arrive`` on a named barrier (Gluon has no op for them). Inline asm is
+    elementwise over a tensor: the token holds two int32 per thread, so pack=2 emits one
+    instruction per thread, and threading it through every barrier keeps them in program order."""
+    return gl.inline_asm_elementwise(
+        asm + " mov.b32 $0, $2; mov.b32 $1, $3;", "=r,=r,r,r", [token], dtype=gl.int32, is_pure=False, pack=2,
+    )
+
+
+@gluon.jit
+def _turn_wait(token, half: gl.constexpr, PINGPONG: gl.constexpr):
+    """With PINGPONG, wait until the other consumer has issued its wgmma of the round, so that
+    the two consumers' matrix products take turns on the tensor cores and each one's softmax runs
+    under the other's (FlashAttention-3's ping-pong). Named barriers 10 and 11 (Triton's own
+    partitions use the low ids) count both warpgroups: 128 threads wait, 128 arrive."""
+    if PINGPONG:
+        if half == 0:
+            token = _named_barrier(token, "bar.sync 10, 256;")
+        else:
+            token = _named_barrier(token, "bar.sync 11, 256;")
+    return token
+
+
+@gluon.jit
+def _turn_pass(token, half: gl.constexpr, PINGPONG: gl.constexpr):
+    """With PINGPONG, give the turn to the other consumer (an arrive does not wait)."""
+    if PINGPONG:
+        if half == 0:
+            token = _named_barrier(token, "bar.arrive 11, 256;")
+        else:
+            token = _named_barrier(token, "bar.arrive 10, 256;")
+    return token
+
+
+@gluon.jit
 def _release(kv_empty, i):
     """Hand the buffers of step i back to the producer, once every warp of this warpgroup is past
     the wgmma that read them."""
@@ -208,28 +243,34 @@ def _verdict_bit(row_bits, gap, threshold, padding_rows, pos):
 
 
 @gluon.jit
-def _online_softmax(s, m_i, l_i, row_bits, pos, threshold, padding_rows, MARK: gl.constexpr, BLOCK_N: gl.constexpr):
-    """One step's update of the running max and sum; returns P and the output's rescale factor.
-    With MARK, also sets the verdict bit of each of the step's tiles (visit positions pos and on):
-    a tile's gap is its max against the running max just before it, so the marks are the same
-    whether the tiles come one or two per step."""
+def _online_softmax(
+    s, qk_scale, m_i, l_i, row_bits, pos, threshold, padding_rows, MARK: gl.constexpr, BLOCK_N: gl.constexpr,
+):
+    """One step's update of the running max and sum (log2 units) from unscaled scores s; returns
+    P and the output's rescale factor. The row maxima are taken before scaling and scaled once
+    per row: qk_scale > 0 and rounding is monotonic, so max(s) * qk_scale is bit-identical to
+    max(s * qk_scale), and ptxas fuses the scale into the exponent's FFMA, which saves a multiply
+    per score. With MARK, also sets the verdict bit of each of the step's tiles (visit positions
+    pos and on): a tile's gap is its max against the running max just before it, so the marks
+    are the same whether the tiles come one or two per step."""
     if MARK:
         if s.type.shape[1] == BLOCK_N:
-            tile_max = gl.max(s, 1)
+            # Scaled before the max here: the other order spills registers with 128-key marking.
+            tile_max = gl.max(s * qk_scale, 1)
             row_bits = _verdict_bit(row_bits, tile_max - m_i, threshold, padding_rows, pos)
             m_new = gl.maximum(m_i, tile_max)
         else:
             # Each half's row max from the same registers: a thread holds columns of both halves.
             max0, max1 = gl.split(gl.max(gl.reshape(s, [s.type.shape[0], 2, BLOCK_N]), 2))
-            max0 = gl.convert_layout(max0, m_i.type.layout, assert_trivial=True)
-            max1 = gl.convert_layout(max1, m_i.type.layout, assert_trivial=True)
+            max0 = gl.convert_layout(max0, m_i.type.layout, assert_trivial=True) * qk_scale
+            max1 = gl.convert_layout(max1, m_i.type.layout, assert_trivial=True) * qk_scale
             row_bits = _verdict_bit(row_bits, max0 - m_i, threshold, padding_rows, pos)
             m_mid = gl.maximum(m_i, max0)
             row_bits = _verdict_bit(row_bits, max1 - m_mid, threshold, padding_rows, pos + 1)
             m_new = gl.maximum(m_mid, max1)
     else:
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-    p = gl.exp2(s - m_new[:, None])
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_i, alpha, row_bits
@@ -239,6 +280,7 @@ def _online_softmax(s, m_i, l_i, row_bits, pos, threshold, padding_rows, MARK: g
 def _step(
     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, keys, p_op, m_i, l_i, acc, row_bits, zero_s, padding_rows,
     verdicts_row, seq_k, qk_scale, threshold, BLOCK_N: gl.constexpr, MARK: gl.constexpr, MASKED: gl.constexpr,
+    half: gl.constexpr, PINGPONG: gl.constexpr, token,
 ):
     """Step i (> 0): its QK^T and PV of step i - 1 in flight together, then its softmax while that
     PV runs. Returns the operand of its own PV and the updated row state."""
@@ -246,12 +288,14 @@ def _step(
     dtype: gl.constexpr = k_bufs.dtype
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+    token = _turn_wait(token, half, PINGPONG)
     s = _issue_qk(q, k_bufs, k_ready, i, zero_s)
     acc = _issue_pv(p_op, v_bufs, v_ready, i - 1, acc)
+    token = _turn_pass(token, half, PINGPONG)
     # wgmma groups retire in order: one outstanding means QK^T of step i is done.
     s = warpgroup_mma_wait(1, deps=(s,))
     p, m_i, l_i, alpha, row_bits = _online_softmax(
-        _scores(s, keys, seq_k, qk_scale, MASKED), m_i, l_i, row_bits, i * STEP_TILES, threshold, padding_rows,
+        _masked(s, keys, seq_k, MASKED), qk_scale, m_i, l_i, row_bits, i * STEP_TILES, threshold, padding_rows,
         MARK, BLOCK_N,
     )
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
@@ -263,7 +307,7 @@ def _step(
         if (i * STEP_TILES + STEP_TILES - 1) % GROUP == GROUP - 1:
             _store_verdict(row_bits, i * STEP_TILES // GROUP, verdicts_row)
             row_bits = gl.zeros_like(row_bits)
-    return p_op, m_i, l_i, acc, row_bits
+    return p_op, m_i, l_i, acc, row_bits, token
 
 
 @gluon.jit
@@ -271,6 +315,7 @@ def _consume(
     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
     entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
     BLOCK_N: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, MASK_ENDS: gl.constexpr,
+    half: gl.constexpr, PINGPONG: gl.constexpr,
 ):
     """Every listed tile, STEP_TILES per step (one softmax update and one output rescale per
     step). Returns the running max, sum and output, and the verdict bits not yet stored.
@@ -290,25 +335,36 @@ def _consume(
     keys = 0
     if MASK_ENDS:
         keys = _step_keys(entries_row, 0, count, seq_k, STEP_N, BLOCK_N, USE_LIST, cols)
-    s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_bufs, k_ready, 0, zero_s),))
+    # Rounds of wgmma issue: step 0's QK^T, each later step's QK^T and PV, the last PV. With
+    # PINGPONG consumer 0 issues first, and consumer 1 does not pass its last turn (every arrive
+    # meets a wait).
+    token = gl.zeros_like(padding_rows.to(gl.int32))
+    if half == 1:
+        token = _turn_wait(token, half, PINGPONG)
+    s = _issue_qk(q, k_bufs, k_ready, 0, zero_s)
+    token = _turn_pass(token, half, PINGPONG)
+    s = warpgroup_mma_wait(0, deps=(s,))
     p, m_i, l_i, alpha, row_bits = _online_softmax(
-        _scores(s, keys, seq_k, qk_scale, MASK_ENDS), m_i, l_i, gl.zeros_like(padding_rows.to(gl.int64)), 0,
+        _masked(s, keys, seq_k, MASK_ENDS), qk_scale, m_i, l_i, gl.zeros_like(padding_rows.to(gl.int64)), 0,
         threshold, padding_rows, MARK, BLOCK_N,
     )
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     for i in range(1, steps - 1):
-        p_op, m_i, l_i, acc, row_bits = _step(
+        p_op, m_i, l_i, acc, row_bits, token = _step(
             q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, row_bits, zero_s,
-            padding_rows, verdicts_row, seq_k, qk_scale, threshold, BLOCK_N, MARK, False,
+            padding_rows, verdicts_row, seq_k, qk_scale, threshold, BLOCK_N, MARK, False, half, PINGPONG, token,
         )
     if steps > 1:
         if MASK_ENDS:
             keys = _step_keys(entries_row, steps - 1, count, seq_k, STEP_N, BLOCK_N, USE_LIST, cols)
-        p_op, m_i, l_i, acc, row_bits = _step(
+        p_op, m_i, l_i, acc, row_bits, token = _step(
             q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, steps - 1, keys, p_op, m_i, l_i, acc, row_bits, zero_s,
-            padding_rows, verdicts_row, seq_k, qk_scale, threshold, BLOCK_N, MARK, MASK_ENDS,
+            padding_rows, verdicts_row, seq_k, qk_scale, threshold, BLOCK_N, MARK, MASK_ENDS, half, PINGPONG, token,
         )
+    token = _turn_wait(token, half, PINGPONG)
     acc = _issue_pv(p_op, v_bufs, v_ready, steps - 1, acc)
+    if half == 0:
+        token = _turn_pass(token, half, PINGPONG)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
     _release(kv_empty, steps - 1)
     return m_i, l_i, acc, row_bits
@@ -320,7 +376,7 @@ def _consumer_partition(
     Out, Lse, entries_row, verdicts_row, count, b, h, pid_bh, q_row0,
     seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
     BLOCK_N: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr,
-    MASK_ENDS: gl.constexpr,
+    MASK_ENDS: gl.constexpr, PINGPONG: gl.constexpr,
 ):
     """One warpgroup: rows [half * 64, half * 64 + 64) of the q-tile over every listed tile."""
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
@@ -343,7 +399,7 @@ def _consumer_partition(
         m_i, l_i, acc, row_bits = _consume(
             q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
             entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
-            BLOCK_N, USE_LIST, MARK, MASK_ENDS,
+            BLOCK_N, USE_LIST, MARK, MASK_ENDS, half, PINGPONG,
         )
         # The last group's word, unless the loop stored it with its last step.
         if MARK:
@@ -373,7 +429,7 @@ def _gluon_attention_fwd(
     heads, seq_q, seq_k, k_tiles, groups,
     qk_scale, threshold,
     STAGES: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr,
-    MASK_ENDS: gl.constexpr, STEP_TILES: gl.constexpr,
+    MASK_ENDS: gl.constexpr, STEP_TILES: gl.constexpr, PINGPONG: gl.constexpr,
 ):
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -411,13 +467,13 @@ def _gluon_attention_fwd(
                 0, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
                 Out, Lse, entries_row, Verdicts + row * groups * VERDICT_WARPS, count, b, h, pid_bh, q_row0,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
-                BLOCK_N, USE_LIST, MARK, WRITE_LSE, MASK_ENDS,
+                BLOCK_N, USE_LIST, MARK, WRITE_LSE, MASK_ENDS, PINGPONG,
             )),
             (_consumer_partition, (
                 1, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
                 Out, Lse, entries_row, Verdicts + row * groups * VERDICT_WARPS + VERDICT_WARPS // 2, count, b, h, pid_bh, q_row0,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
-                BLOCK_N, USE_LIST, MARK, WRITE_LSE, MASK_ENDS,
+                BLOCK_N, USE_LIST, MARK, WRITE_LSE, MASK_ENDS, PINGPONG,
             )),
             (_load_partition, (
                 q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
@@ -447,6 +503,14 @@ def default_stages(step_n: int, head_dim: int, itemsize: int = 2) -> int:
     """The ring depth measured best with 128-key steps: 3 (2 to 4 within noise of each other at
     head dim 128; 5 at head dim 64 was slower with marking, docs/performance.md, v13)."""
     return min(3, stages_for(step_n, head_dim, itemsize))
+
+
+def pingpong(head_dim: int) -> bool:
+    """Whether the two consumers take turns issuing wgmma: at head dim 64, where a step's
+    exponentials take as long as its matrix products, it made LTX-Video's dense mode 8% and its
+    steps with marking 7-8% faster; at head dim 128 it measured the same or up to 2% slower
+    (docs/performance.md, v14)."""
+    return head_dim == 64
 
 
 def gluon_supported(q: torch.Tensor, geometry: TileGeometry, head_dim: int) -> bool:
@@ -518,7 +582,7 @@ def gluon_forward(
         heads, seq_q, k.shape[1], geometry.k_tiles, groups,
         scale * LOG2E, threshold if mark else 0.0,
         STAGES=stages, USE_LIST=work is not None, MARK=mark, WRITE_LSE=return_lse,
-        MASK_ENDS=k.shape[1] % bn != 0 or tiles > 1, STEP_TILES=tiles,
+        MASK_ENDS=k.shape[1] % bn != 0 or tiles > 1, STEP_TILES=tiles, PINGPONG=pingpong(head_dim),
         # 4 + 4 + 1 warps occupy three warpgroups: 12 x 32 threads x 168 registers fit the 64K
         # register file; the producer then gives its registers up to the two consumers.
         num_warps=4, maxnreg=168,
