@@ -20,4 +20,7 @@ timeout 40 python3 -m liteattention.cli demo --device cuda --out "$OUT/demo" 2>&
 tar -C "$OUT" -cf "$OUT/demo.tar" demo && rm -r "$OUT/demo"
 timeout 155 python3 -m liteattention.cli bench --shapes wan1.3b-480p,hunyuan,wan-720p --patterns random --out "$OUT/bench-more" 2>&1 \
     | grep -v Warning | tee -a "$OUT/run.log" | tail -4
+# One archive for both benchmarks' json, table and plot: a device call returns at most 8 files.
+benches=$(cd "$OUT" && ls -d bench-main bench-more 2>/dev/null)
+[ -n "$benches" ] && tar -C "$OUT" -cf "$OUT/bench.tar" $benches && (cd "$OUT" && rm -r $benches)
 echo "total ${SECONDS} s" | tee -a "$OUT/run.log"

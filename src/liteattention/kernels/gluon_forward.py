@@ -192,38 +192,27 @@ def _issue_pv(p_op, v_bufs, v_ready, j, acc):
     return warpgroup_mma(p_op, v_bufs.index(j % STAGES), acc, is_async=True)
 
 
-@gluon.jit
-def _named_barrier(token, asm: gl.constexpr):
-    """``bar.sync`` / ``bar.arrive`` on a named barrier (Gluon has no op for them). Inline asm is
-    elementwise over a tensor: the token holds two int32 per thread, so pack=2 emits one
-    instruction per thread, and threading it through every barrier keeps them in program order."""
-    return gl.inline_asm_elementwise(
-        asm + " mov.b32 $0, $2; mov.b32 $1, $3;", "=r,=r,r,r", [token], dtype=gl.int32, is_pure=False, pack=2,
-    )
+@gluon.constexpr_function
+def _turn_ptx(half, wait):
+    """PTX of one turn of the ping-pong: consumer ``half`` waits on named barrier 10 + half
+    (Triton's own partitions use the low ids) and passes the turn with an arrive, which does not
+    wait, on the other's; both count the two warpgroups' 256 threads. The moves copy the token."""
+    barrier = f"bar.sync {10 + half}, 256;" if wait else f"bar.arrive {11 - half}, 256;"
+    return barrier + " mov.b32 $0, $2; mov.b32 $1, $3;"
 
 
 @gluon.jit
-def _turn_wait(token, half: gl.constexpr, PINGPONG: gl.constexpr):
-    """With PINGPONG, wait until the other consumer has issued its wgmma of the round, so that
-    the two consumers' matrix products take turns on the tensor cores and each one's softmax runs
-    under the other's (FlashAttention-3's ping-pong). Named barriers 10 and 11 (Triton's own
-    partitions use the low ids) count both warpgroups: 128 threads wait, 128 arrive."""
+def _turn(token, half: gl.constexpr, WAIT: gl.constexpr, PINGPONG: gl.constexpr):
+    """With PINGPONG, wait for this consumer's turn to issue wgmma (WAIT), or pass the turn to the
+    other consumer, so that the two consumers' matrix products alternate on the tensor cores and
+    each one's softmax runs under the other's (FlashAttention-3's ping-pong). Gluon has no op for
+    named barriers, and inline asm is elementwise over a tensor: the token holds two int32 per
+    thread, so pack=2 emits one barrier per thread, and threading it through every turn keeps
+    the barriers in program order."""
     if PINGPONG:
-        if half == 0:
-            token = _named_barrier(token, "bar.sync 10, 256;")
-        else:
-            token = _named_barrier(token, "bar.sync 11, 256;")
-    return token
-
-
-@gluon.jit
-def _turn_pass(token, half: gl.constexpr, PINGPONG: gl.constexpr):
-    """With PINGPONG, give the turn to the other consumer (an arrive does not wait)."""
-    if PINGPONG:
-        if half == 0:
-            token = _named_barrier(token, "bar.arrive 11, 256;")
-        else:
-            token = _named_barrier(token, "bar.arrive 10, 256;")
+        token = gl.inline_asm_elementwise(
+            _turn_ptx(half, WAIT), "=r,=r,r,r", [token], dtype=gl.int32, is_pure=False, pack=2,
+        )
     return token
 
 
@@ -288,10 +277,10 @@ def _step(
     dtype: gl.constexpr = k_bufs.dtype
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
-    token = _turn_wait(token, half, PINGPONG)
+    token = _turn(token, half, True, PINGPONG)
     s = _issue_qk(q, k_bufs, k_ready, i, zero_s)
     acc = _issue_pv(p_op, v_bufs, v_ready, i - 1, acc)
-    token = _turn_pass(token, half, PINGPONG)
+    token = _turn(token, half, False, PINGPONG)
     # wgmma groups retire in order: one outstanding means QK^T of step i is done.
     s = warpgroup_mma_wait(1, deps=(s,))
     p, m_i, l_i, alpha, row_bits = _online_softmax(
@@ -340,9 +329,9 @@ def _consume(
     # meets a wait).
     token = gl.zeros_like(padding_rows.to(gl.int32))
     if half == 1:
-        token = _turn_wait(token, half, PINGPONG)
+        token = _turn(token, half, True, PINGPONG)
     s = _issue_qk(q, k_bufs, k_ready, 0, zero_s)
-    token = _turn_pass(token, half, PINGPONG)
+    token = _turn(token, half, False, PINGPONG)
     s = warpgroup_mma_wait(0, deps=(s,))
     p, m_i, l_i, alpha, row_bits = _online_softmax(
         _masked(s, keys, seq_k, MASK_ENDS), qk_scale, m_i, l_i, gl.zeros_like(padding_rows.to(gl.int64)), 0,
@@ -361,10 +350,10 @@ def _consume(
             q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, steps - 1, keys, p_op, m_i, l_i, acc, row_bits, zero_s,
             padding_rows, verdicts_row, seq_k, qk_scale, threshold, BLOCK_N, MARK, MASK_ENDS, half, PINGPONG, token,
         )
-    token = _turn_wait(token, half, PINGPONG)
+    token = _turn(token, half, True, PINGPONG)
     acc = _issue_pv(p_op, v_bufs, v_ready, steps - 1, acc)
     if half == 0:
-        token = _turn_pass(token, half, PINGPONG)
+        token = _turn(token, half, False, PINGPONG)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
     _release(kv_empty, steps - 1)
     return m_i, l_i, acc, row_bits
