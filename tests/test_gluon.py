@@ -59,6 +59,9 @@ def test_compiles_for_sm90_without_spills(tmp_path: Path, head_dim, block_n, use
     subprocess.run([sys.executable, "-c", COMPILE, *args], env=env, check=True, timeout=600)
     text = ptx.read_text()
     assert "wgmma.mma_async" in text and "setmaxnreg" in text
+    # The consumers' ping-pong (head dim 64 only): each waits on its own named barrier, arrives on the other's.
+    turns = ("bar.sync 10, 256", "bar.arrive 11, 256", "bar.sync 11, 256", "bar.arrive 10, 256")
+    assert [turn in text for turn in turns] == [gf.pingpong(head_dim)] * 4
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         ptxas = shutil.which("ptxas")
