@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -56,6 +59,17 @@ def test_cli_and_argument_checks():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
             run_bench(["ltx"])
+
+
+def test_cli_options_load_without_the_model_stack():
+    """Building the command line (every subcommand's options) imports neither diffusers nor the
+    plotting stack: ``liteattention bench`` and ``--help`` start fast and work without them."""
+    code = (
+        "import sys, liteattention.cli as cli; cli.build_parser().parse_args(['demo', '--steps', '3']); "
+        "print(sorted(m for m in ('diffusers', 'matplotlib', 'skimage') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
 
 
 @pytest.mark.parametrize(

@@ -71,7 +71,7 @@ def _add_sampling_parser(sub: argparse._SubParsersAction, name: str, help: str, 
 
 
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    from .demo import DemoConfig
+    from .experiment import DemoConfig
 
     defaults = DemoConfig()
     demo = _add_sampling_parser(sub, "demo", "sample a video densely and with LiteAttention on the bundled model; compare", defaults)
@@ -86,7 +86,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_coherence_parser(sub: argparse._SubParsersAction) -> None:
-    from .coherence import CoherenceConfig
+    from .experiment import CoherenceConfig
 
     defaults = CoherenceConfig()
     coherence = _add_sampling_parser(sub, "coherence", "measure how long negligible attention tiles stay negligible", defaults)
@@ -126,12 +126,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _run_sampling_command(args: argparse.Namespace) -> None:
+    from .experiment import CoherenceConfig, DemoConfig
+
     if args.command == "demo":
-        from .demo import DemoConfig as config_type
         from .demo import main as command
+
+        config_type = DemoConfig
     else:
-        from .coherence import CoherenceConfig as config_type
         from .coherence import main as command
+
+        config_type = CoherenceConfig
     config = _config(args.command_parser, config_type, args)
     try:
         command(config)

@@ -34,36 +34,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .attention import check_scale
-from .experiment import RunConfig, prepare_model, write_json
+from .experiment import CoherenceConfig, prepare_model, write_json
 from .integrations import apply_lite_attention
 from .integrations.diffusers import LiteAttentionHandle
 from .models import DemoVideoModel
 from .plan import RangesLike, build_plan, normalize_ranges
 from .reference import reference_forward
-from .schedule import check_threshold
 from .state import TileGeometry
 
-DEFAULT_THRESHOLDS = (-6.0, -8.0, -10.0, -14.0)
 TABLE_LAGS = (1, 5, 10)  # lag 0 is 100% by definition
-
-
-@dataclass(frozen=True)
-class CoherenceConfig(RunConfig):
-    """Options of ``liteattention coherence``."""
-
-    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    out: Path = Path("liteattention-coherence")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.thresholds:
-            raise ValueError("thresholds: expected at least one finite threshold (log2 units, e.g. -10)")
-        for threshold in self.thresholds:
-            # -inf marks nothing: there would be no tile to follow.
-            if check_threshold(threshold, "thresholds") == -math.inf:
-                raise ValueError("thresholds: expected finite values (log2 units, e.g. -10), got -inf")
-        if len(set(self.thresholds)) != len(self.thresholds):
-            raise ValueError(f"thresholds: expected distinct values, got {list(self.thresholds)}")
 
 
 class RuleProbe:

@@ -26,25 +26,10 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from .experiment import (
-    RunConfig,
-    backend_name,
-    check_int,
-    prepare_model,
-    write_json,
-)
+from .experiment import DemoConfig, backend_name, prepare_model, write_json
 from .integrations import apply_lite_attention
 from .models import DemoVideoModel
-from .schedule import check_threshold
 from .state import pack_bits
-
-# Defaults, in one place: re-tune them whenever the bundled weights change. On the bundled model
-# (CPU, float32) they skip 19% of the tiles over the run (27% at the last step) at a PSNR of 45 dB;
-# -8 / 2 steps gave 15% at 48 dB, -6 / 2 steps 23% at 38 dB, -4 / 4 steps 27% at 34 dB.
-DEFAULT_THRESHOLD = -6.0  # log2 units below the running row max
-DEFAULT_WARMUP_STEPS = 4  # first steps run with threshold -inf: they shape the whole video
-DEFAULT_STEPS = 20  # the demo model's sampling schedule
-DEFAULT_BLOCK = 64  # 2048 video tokens -> a 32 x 32 tile grid per head
 
 DIFF_GAIN = 4.0  # the difference panel shows DIFF_GAIN * |LiteAttention - dense|
 GIF_SCALE = 8  # nearest-neighbour upscaling of the 32 x 32 frames
@@ -56,27 +41,6 @@ MASK_COLUMNS = 20  # ... at up to this many steps (evenly spread, last one inclu
 COND, UNCOND = 0, 1
 BRANCHES = {COND: "cond", UNCOND: "uncond"}
 DENSE_BASELINE = "apply_lite_attention with threshold -inf (same operator and backend, nothing skipped)"
-
-
-@dataclass(frozen=True)
-class DemoConfig(RunConfig):
-    """Options of ``liteattention demo``."""
-
-    steps: int = DEFAULT_STEPS
-    block_m: int = DEFAULT_BLOCK
-    block_n: int = DEFAULT_BLOCK
-    threshold: float = DEFAULT_THRESHOLD
-    warmup_steps: int = DEFAULT_WARMUP_STEPS
-    out: Path = Path("liteattention-demo")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_threshold(self.threshold)
-        check_int("warmup_steps", self.warmup_steps, 0, self.steps)
-
-    def schedule(self) -> list[float]:
-        """LiteAttention's threshold at each step: -inf during the warm-up, then ``threshold``."""
-        return [-math.inf] * self.warmup_steps + [self.threshold] * (self.steps - self.warmup_steps)
 
 
 @dataclass(frozen=True)
