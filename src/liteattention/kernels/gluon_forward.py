@@ -10,6 +10,9 @@ scheduled the way FlashAttention-3 schedules Hopper, which Triton's own pipeline
   to back as asynchronous wgmma, and the softmax starts while PV is still on the tensor cores
   (ptxas moves most exponentials after the PV wait; the other consumer's wgmma keep the tensor
   cores busy meanwhile, and pinning them under PV measured slower: docs/performance.md, v10);
+- at head dim 64, where a step's exponentials take as long as its matrix products, the two
+  consumers take turns issuing their wgmma (ping-pong on named barriers), so that one's softmax
+  runs while the other's matrix products do;
 - with 64-key tiles, two tiles make one 128-key step: the producer copies both into one ring
   buffer, so a step is one QK^T and one PV wgmma and one softmax update, exactly as with 128-key
   tiles, while each tile still gets its own verdict (the row max of each half of the scores).
@@ -497,7 +500,7 @@ def default_stages(step_n: int, head_dim: int, itemsize: int = 2) -> int:
 def pingpong(head_dim: int) -> bool:
     """Whether the two consumers take turns issuing wgmma: at head dim 64, where a step's
     exponentials take as long as its matrix products, it made LTX-Video's dense mode 8% and its
-    steps with marking 7-8% faster; at head dim 128 it measured the same or up to 2% slower
+    steps with marking 7-8% faster than without; at head dim 128 it moved times by -2% to +2.4%
     (docs/performance.md, v14)."""
     return head_dim == 64
 
