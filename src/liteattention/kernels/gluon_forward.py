@@ -522,6 +522,47 @@ def gluon_supported(q: torch.Tensor, geometry: TileGeometry, head_dim: int) -> b
     )
 
 
+# 4 + 4 + 1 warps occupy three warpgroups: 12 x 32 threads x 168 registers fit the 64K register
+# file; the producer then gives its registers up to the two consumers.
+LAUNCH_OPTIONS = {"num_warps": 4, "maxnreg": 168}
+
+
+def _constexprs(
+    head_dim: int, tiles: int, stages: int, *, use_list: bool, mark: bool, partial_n: bool, lse: bool,
+) -> dict[str, int | bool]:
+    """The kernel's compile-time options. ``partial_n``: seq_k is not a multiple of block_n."""
+    return {
+        "STAGES": stages, "USE_LIST": use_list, "MARK": mark, "WRITE_LSE": lse,
+        "MASK_ENDS": partial_n or tiles > 1, "STEP_TILES": tiles, "PINGPONG": pingpong(head_dim),
+    }
+
+
+def compile_for_sm90(head_dim: int, block_n: int, *, use_list: bool, mark: bool, partial_n: bool, lse: bool):
+    """The kernel compiled for sm_90 on any machine (ptxas runs on the host, no GPU needed), with
+    the options ``gluon_forward`` would pick: for the compile tests and for reading its SASS
+    (bench/gluon_sass.py). Call it without TRITON_INTERPRET, which replaces the kernel's
+    functions with the interpreter's."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    def desc(rows: int) -> str:
+        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
+        return f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
+
+    signature = {
+        "q_desc": desc(HALF_M.value), "k_desc": desc(block_n), "v_desc": desc(block_n), "Out": "*bf16",
+        "Lse": "*fp32", "Verdicts": "*i64", "Entries": "*i32", "Counts": "*i32", "stride_ob": "i32",
+        "stride_os": "i32", "stride_oh": "i32", "heads": "i32", "seq_q": "i32", "seq_k": "i32", "k_tiles": "i32",
+        "groups": "i32", "qk_scale": "fp32", "threshold": "fp32",
+    }
+    tiles = step_tiles(block_n)
+    stages = default_stages(tiles * block_n, head_dim)
+    constexprs = _constexprs(head_dim, tiles, stages, use_list=use_list, mark=mark, partial_n=partial_n, lse=lse)
+    signature.update({name: "constexpr" for name in constexprs})
+    source = GluonASTSource(fn=_gluon_attention_fwd, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=LAUNCH_OPTIONS)
+
+
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     """2-D TMA descriptor over (B * S, H * D); t must be contiguous in (S, H, D) per batch element."""
     batch, seq, heads, head_dim = t.shape
@@ -573,11 +614,10 @@ def gluon_forward(
         out.stride(0), out.stride(1), out.stride(2),
         heads, seq_q, k.shape[1], geometry.k_tiles, groups,
         scale * LOG2E, threshold if mark else 0.0,
-        STAGES=stages, USE_LIST=work is not None, MARK=mark, WRITE_LSE=return_lse,
-        MASK_ENDS=k.shape[1] % bn != 0 or tiles > 1, STEP_TILES=tiles, PINGPONG=pingpong(head_dim),
-        # 4 + 4 + 1 warps occupy three warpgroups: 12 x 32 threads x 168 registers fit the 64K
-        # register file; the producer then gives its registers up to the two consumers.
-        num_warps=4, maxnreg=168,
+        **_constexprs(
+            head_dim, tiles, stages, use_list=work is not None, mark=mark, partial_n=k.shape[1] % bn != 0, lse=return_lse,
+        ),
+        **LAUNCH_OPTIONS,
     )
     if mark:
         _apply_verdicts[(rows,)](

@@ -1,0 +1,107 @@
+"""The Gluon kernel's step loop in SASS, on any machine (no GPU): instruction counts per 128-key
+step, and their difference against copies of the kernel from other commits.
+
+    PYTHONPATH=src python bench/gluon_sass.py --head-dim 128 --mode mark [--partial] [--show]
+    git show <commit>:src/liteattention/kernels/gluon_forward.py > /tmp/gluon_old.py
+    PYTHONPATH=src python bench/gluon_sass.py /tmp/gluon_old.py --head-dim 64
+
+The kernel is compiled for sm_90 (``compile_for_sm90``, which a copy must have: v14 on) and
+disassembled with the nvdisasm that Triton ships. The step loop is the smallest loop that issues
+wgmma (``HGMMA``) and exponentials (``MUFU.EX2``): one per consumer warpgroup, the same code; the
+first is shown. Fewer instructions
+is a prediction, not a result: a variant still has to be timed (bench/ab_gluon.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ab_gluon import load_version  # noqa: E402
+
+from liteattention.kernels import gluon_forward  # noqa: E402
+
+NVDISASM = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
+LABEL = re.compile(r"\s*(\.L_x_\d+):")
+BACK_BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
+
+
+def disassemble(module, args: argparse.Namespace) -> str:
+    if not hasattr(module, "compile_for_sm90"):
+        raise SystemExit(f"{module.__file__}: no compile_for_sm90 (copies from v14 on have it)")
+    kernel = module.compile_for_sm90(
+        args.head_dim, args.block_n, use_list=args.mode != "dense", mark=args.mode == "mark",
+        partial_n=args.partial, lse=args.lse,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        return subprocess.run([str(NVDISASM), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+
+
+def step_loop(sass: str) -> list[str]:
+    """The instructions of the smallest loop (a backward branch and its target) with HGMMA and
+    MUFU.EX2."""
+    instructions: list[tuple[int, str]] = []
+    address_of: dict[str, int] = {}
+    pending: list[str] = []
+    for line in sass.splitlines():
+        if label := LABEL.match(line):
+            pending.append(label.group(1))
+        elif instruction := INSTRUCTION.match(line):
+            address = int(instruction.group(1), 16)
+            address_of.update((name, address) for name in pending)
+            pending.clear()
+            instructions.append((address, instruction.group(2)))
+    loops = []
+    for address, text in instructions:
+        branch = BACK_BRANCH.search(text)
+        if branch and address_of.get(branch.group(1), address) < address:
+            body = [t for a, t in instructions if address_of[branch.group(1)] <= a <= address]
+            if any("HGMMA" in t for t in body) and any("MUFU.EX2" in t for t in body):
+                loops.append(body)
+    if not loops:
+        raise RuntimeError("no loop with HGMMA and MUFU.EX2 in the SASS")
+    return min(loops, key=len)
+
+
+def opcode(text: str) -> str:
+    """The operation without its predicate and modifiers: '@!P1 FMNMX.FTZ R2, ...' -> 'FMNMX'."""
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("baselines", nargs="*", type=Path, help="copies of gluon_forward.py to compare against")
+    parser.add_argument("--head-dim", type=int, choices=(64, 128), default=128)
+    parser.add_argument("--block-n", type=int, choices=(64, 128), default=64)
+    parser.add_argument("--mode", choices=("dense", "list", "mark"), default="mark")
+    parser.add_argument("--partial", action="store_true", help="seq_k not a multiple of block_n (masks the ends)")
+    parser.add_argument("--lse", action="store_true", help="the variant that also writes the LSE")
+    parser.add_argument("--show", action="store_true", help="print the current kernel's step loop")
+    args = parser.parse_args()
+    versions = {"current": gluon_forward} | {path.stem: load_version(path) for path in args.baselines}
+    counts = {}
+    for name, module in versions.items():
+        loop = step_loop(disassemble(module, args))
+        counts[name] = Counter(opcode(t) for t in loop)
+        if name == "current" and args.show:
+            print("\n".join(loop))
+        top = ", ".join(f"{op} {n}" for op, n in counts[name].most_common(12))
+        print(f"{name:>12}: step loop {len(loop)} instructions; {top}")
+    for name, count in list(counts.items())[1:]:
+        changed = sorted(op for op in count.keys() | counts["current"].keys() if count[op] != counts["current"][op])
+        print(f"{name:>12} -> current: " + ", ".join(f"{op} {count[op]} -> {counts['current'][op]}" for op in changed))
+
+
+if __name__ == "__main__":
+    main()
