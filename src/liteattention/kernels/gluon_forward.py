@@ -74,6 +74,18 @@ def _visited_tile(entries_row, pos, USE_LIST: gl.constexpr):
 
 
 @gluon.jit
+def _copy_step(desc, buf, ready, entries_row, i, count, row0, col, USE_LIST: gl.constexpr):
+    """TMA copies of step i's k-tiles (rows of desc) into one ring buffer, arriving on ready. A
+    last step with one tile (count odd) fills its empty half with that tile again: finite keys,
+    which the consumers mask out."""
+    BLOCK_N: gl.constexpr = desc.block_type.shape[0]
+    STEP_TILES: gl.constexpr = buf.type.shape[0] // BLOCK_N
+    for t in gl.static_range(STEP_TILES):
+        kt = _visited_tile(entries_row, gl.minimum(i * STEP_TILES + t, count - 1), USE_LIST)
+        tma.async_copy_global_to_shared(desc, [row0 + kt * BLOCK_N, col], ready, buf.slice(t * BLOCK_N, BLOCK_N))
+
+
+@gluon.jit
 def _load_partition(
     q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
     entries_row, count, b, h, q_row0, seq_q, seq_k, USE_LIST: gl.constexpr,
@@ -97,20 +109,9 @@ def _load_partition(
         mbarrier.wait(kv_empty.index(stage), ((i // STAGES) & 1) ^ 1)
         mbarrier.expect(k_ready.index(stage), STEP_TILES * k_desc.block_type.nbytes)
         mbarrier.expect(v_ready.index(stage), STEP_TILES * v_desc.block_type.nbytes)
-        # A last step with one tile (count odd) fills its empty half with that tile again: finite
-        # keys, which the consumers mask out. All of the step's K goes before its V.
-        for t in gl.static_range(STEP_TILES):
-            kt = _visited_tile(entries_row, gl.minimum(i * STEP_TILES + t, count - 1), USE_LIST)
-            tma.async_copy_global_to_shared(
-                k_desc, [b * seq_k + kt * BLOCK_N, h * HEAD_DIM], k_ready.index(stage),
-                k_bufs.index(stage).slice(t * BLOCK_N, BLOCK_N),
-            )
-        for t in gl.static_range(STEP_TILES):
-            kt = _visited_tile(entries_row, gl.minimum(i * STEP_TILES + t, count - 1), USE_LIST)
-            tma.async_copy_global_to_shared(
-                v_desc, [b * seq_k + kt * BLOCK_N, h * HEAD_DIM], v_ready.index(stage),
-                v_bufs.index(stage).slice(t * BLOCK_N, BLOCK_N),
-            )
+        # All of the step's K goes before its V.
+        _copy_step(k_desc, k_bufs.index(stage), k_ready.index(stage), entries_row, i, count, b * seq_k, h * HEAD_DIM, USE_LIST)
+        _copy_step(v_desc, v_bufs.index(stage), v_ready.index(stage), entries_row, i, count, b * seq_k, h * HEAD_DIM, USE_LIST)
 
 
 @gluon.jit
