@@ -5,6 +5,7 @@ Set LITEATTENTION_FULL=1 (on a GPU) to add the full-size cases.
 """
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -15,6 +16,13 @@ import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FULL = os.environ.get("LITEATTENTION_FULL") == "1"
+REPO = Path(__file__).parents[1]
+
+
+def compiler_env() -> dict[str, str]:
+    """The environment for a subprocess that compiles the real kernels: without TRITON_INTERPRET,
+    which would replace their @jit functions with the interpreter's."""
+    return {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
 
 
 @pytest.fixture(autouse=True)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, compiler_env
 
 from liteattention.bench import SPARSITIES, BenchRow, interleaved_ms, make_mask, markdown_table, plot, run_bench, summarize
 from liteattention.cli import build_parser, main
@@ -63,13 +62,12 @@ def test_cli_and_argument_checks():
             run_bench(["ltx"])
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parents[1] / "bench").glob("*.py")))
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "bench").glob("*.py")))
 def test_bench_scripts_import_and_parse_options(script):
     """The GPU-only scripts in bench/ cannot run here, but they import and print their options:
     an API change that breaks one shows up on the CPU."""
-    path = Path(__file__).parents[1] / "bench" / script
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(path), "--help"], env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(REPO / "bench" / script), "--help"]
+    result = subprocess.run(command, env=compiler_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
 
 

@@ -2,7 +2,6 @@
 pass that turns its verdict words into marks matches a plain computation (under the interpreter
 when there is no GPU). On an H200, test_semantics.py runs the kernel itself against the reference."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import torch
 import triton
 
-from conftest import DEVICE
+from conftest import DEVICE, REPO, compiler_env
 from liteattention.kernels import gluon_forward as gf
 from liteattention.kernels.gluon_forward import GROUP, VERDICT_WARPS, _apply_verdicts, gluon_forward, gluon_supported
 from liteattention.state import TileGeometry, pack_bits
@@ -33,11 +32,9 @@ open(sys.argv[7], "w").write(kernel.asm["ptx"])
     ids=["pairs-marking-partial-lse", "single-marking-partial", "single-marking-even", "single-dense-d64", "pairs-marking-d64"],
 )
 def test_compiles_for_sm90_without_spills(tmp_path: Path, head_dim, block_n, use_list, mark, even_n, lse):
-    # A fresh process: the compiler must see the real @gluon.jit functions, not the interpreter's.
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     ptx = tmp_path / "kernel.ptx"
     args = [str(a) for a in (head_dim, block_n, use_list, mark, even_n, lse, ptx)]
-    subprocess.run([sys.executable, "-c", COMPILE, *args], env=env, check=True, timeout=600)
+    subprocess.run([sys.executable, "-c", COMPILE, *args], env=compiler_env(), check=True, timeout=600)
     text = ptx.read_text()
     assert "wgmma.mma_async" in text and "setmaxnreg" in text
     # The consumers' ping-pong (head dim 64 only): each waits on its own named barrier, arrives on the other's.
@@ -62,11 +59,9 @@ def test_sass_step_loop_issues_one_wgmma_pair_per_128_keys(head_dim, hgmma):
     exponentials per thread (64 rows x 128 keys over 128 threads, and the rescale of its 2 rows)."""
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
         pytest.skip("no nvdisasm in this Triton")
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    script = Path(__file__).parents[1] / "bench" / "gluon_sass.py"
     report = subprocess.run(
-        [sys.executable, str(script), "--head-dim", str(head_dim), "--mode", "mark"],
-        env=env, capture_output=True, text=True, check=True, timeout=600,
+        [sys.executable, str(REPO / "bench" / "gluon_sass.py"), "--head-dim", str(head_dim), "--mode", "mark"],
+        env=compiler_env(), capture_output=True, text=True, check=True, timeout=600,
     ).stdout
     assert f"HGMMA {hgmma}," in report and "MUFU 66" in report, report
 
