@@ -2,9 +2,11 @@
 pass that turns its verdict words into marks matches a plain computation (under the interpreter
 when there is no GPU). On an H200, test_semantics.py runs the kernel itself against the reference."""
 
+import math
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,20 +22,29 @@ COMPILE = """
 import sys
 from liteattention.kernels.gluon_forward import compile_for_sm90
 
-head_dim, block_n, use_list, mark, even_n, lse = map(int, sys.argv[1:7])
-kernel = compile_for_sm90(head_dim, block_n, use_list=bool(use_list), mark=bool(mark), partial_n=not even_n, lse=bool(lse))
-open(sys.argv[7], "w").write(kernel.asm["ptx"])
+head_dim, block_n, use_list, mark, above_max, even_n, lse = map(int, sys.argv[1:8])
+kernel = compile_for_sm90(
+    head_dim, block_n, use_list=bool(use_list), mark=bool(mark), partial_n=not even_n, lse=bool(lse),
+    above_max=bool(above_max),
+)
+open(sys.argv[8], "w").write(kernel.asm["ptx"])
 """
 
 
 @pytest.mark.parametrize(
-    "head_dim, block_n, use_list, mark, even_n, lse",
-    [(128, 64, 1, 1, 0, 1), (128, 128, 1, 1, 0, 0), (128, 128, 1, 1, 1, 0), (64, 128, 0, 0, 1, 0), (64, 64, 1, 1, 0, 0)],
-    ids=["pairs-marking-partial-lse", "single-marking-partial", "single-marking-even", "single-dense-d64", "pairs-marking-d64"],
+    "head_dim, block_n, use_list, mark, above_max, even_n, lse",
+    [
+        (128, 64, 1, 1, 0, 0, 1), (128, 64, 1, 1, 1, 1, 0), (128, 128, 1, 1, 0, 0, 0), (128, 128, 1, 1, 0, 1, 0),
+        (64, 128, 0, 0, 0, 1, 0), (64, 64, 1, 1, 0, 0, 0),
+    ],
+    ids=[
+        "pairs-marking-partial-lse", "pairs-marking-above-max", "single-marking-partial", "single-marking-even",
+        "single-dense-d64", "pairs-marking-d64",
+    ],
 )
-def test_compiles_for_sm90_without_spills(tmp_path: Path, head_dim, block_n, use_list, mark, even_n, lse):
+def test_compiles_for_sm90_without_spills(tmp_path: Path, head_dim, block_n, use_list, mark, above_max, even_n, lse):
     ptx = tmp_path / "kernel.ptx"
-    args = [str(a) for a in (head_dim, block_n, use_list, mark, even_n, lse, ptx)]
+    args = [str(a) for a in (head_dim, block_n, use_list, mark, above_max, even_n, lse, ptx)]
     subprocess.run([sys.executable, "-c", COMPILE, *args], env=compiler_env(), check=True, timeout=600)
     text = ptx.read_text()
     assert "wgmma.mma_async" in text and "setmaxnreg" in text
@@ -56,14 +67,19 @@ def test_compiles_for_sm90_without_spills(tmp_path: Path, head_dim, block_n, use
 def test_sass_step_loop_issues_one_wgmma_pair_per_128_keys(head_dim, hgmma):
     """bench/gluon_sass.py finds the step loop, and it holds one QK^T and one PV wgmma for two
     64-key tiles (k-steps of 16: head_dim / 16 and 128 / 16 HGMMA) and one softmax update: 66
-    exponentials per thread (64 rows x 128 keys over 128 threads, and the rescale of its 2 rows)."""
+    exponentials per thread (64 rows x 128 keys over 128 threads, and the rescale of its 2 rows).
+    Marking adds no shuffles: the 8 are the max and the sum over a row's 4 threads, for 2 rows."""
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
         pytest.skip("no nvdisasm in this Triton")
-    report = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gluon_sass.py"), "--head-dim", str(head_dim), "--mode", "mark"],
+    loop = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gluon_sass.py"), "--head-dim", str(head_dim), "--mode", "mark", "--show"],
         env=compiler_env(), capture_output=True, text=True, check=True, timeout=600,
-    ).stdout
-    assert f"HGMMA {hgmma}," in report and "MUFU 66" in report, report
+    ).stdout.splitlines()
+    loop = [line for line in loop if line and not line.startswith(" ")]  # the summary lines are indented
+    opcodes = Counter(line.split()[0].split(".")[0] for line in loop if not line.startswith("@"))
+    predicated = Counter(line.split()[1].split(".")[0] for line in loop if line.startswith("@"))
+    count = opcodes + predicated
+    assert (count["HGMMA"], count["MUFU"], count["SHFL"]) == (hgmma, 66, 8), count
 
 
 def test_apply_verdicts_marks_tiles_negligible_for_every_warp():
@@ -78,8 +94,8 @@ def test_apply_verdicts_marks_tiles_negligible_for_every_warp():
     entries = torch.where(must_do, -entries - 1, entries)
     # Each warp's word: bits shared by all warps (half the tiles) plus its own random bits, so some
     # tiles are negligible for every warp and many for only some.
-    shared = torch.randint(-(2**62), 2**62, (rows, groups, 1), generator=gen, dtype=torch.int64)
-    own = torch.randint(-(2**62), 2**62, (rows, groups, VERDICT_WARPS.value), generator=gen, dtype=torch.int64)
+    shared = torch.randint(-(2**31), 2**31, (rows, groups, 1), generator=gen, dtype=torch.int32)
+    own = torch.randint(-(2**31), 2**31, (rows, groups, VERDICT_WARPS.value), generator=gen, dtype=torch.int32)
     verdicts = shared | own
     bits = torch.zeros(rows, words, dtype=torch.int32)
     bits[:, 0] = 1  # an earlier mark stays
@@ -91,9 +107,9 @@ def test_apply_verdicts_marks_tiles_negligible_for_every_warp():
         for pos in range(int(counts[r])):
             word = -1
             for warp in range(VERDICT_WARPS.value):
-                word &= int(verdicts[r, pos // 64, warp])
+                word &= int(verdicts[r, pos // GROUP.value, warp])
             kt = int(entries[r, pos])
-            if kt >= 0 and (word >> (pos % 64)) & 1:
+            if kt >= 0 and (word >> (pos % GROUP.value)) & 1:
                 expected[r, kt // 32] |= torch.tensor(1 << (kt % 32), dtype=torch.int64).to(torch.int32)
                 newly += 1
 
@@ -143,13 +159,7 @@ def test_launch_options(monkeypatch, head_dim, seq_k, block_n, expected):
     """gluon_forward's compile-time options per tile shape and head dim, recorded off the GPU by a
     stand-in kernel. compile_for_sm90 (the compile tests above) derives its own from the same
     helper, so those tests compile what runs."""
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **options: launches.append(options)
-
-    monkeypatch.setattr(gf, "_gluon_attention_fwd", Recorder())
+    launches = record_launches(monkeypatch)
     q = torch.zeros(1, 256, 2, head_dim, dtype=torch.bfloat16)
     k = torch.zeros(1, seq_k, 2, head_dim, dtype=torch.bfloat16)
     gluon_forward(
@@ -157,8 +167,45 @@ def test_launch_options(monkeypatch, head_dim, seq_k, block_n, expected):
         stats=torch.zeros(3, dtype=torch.int64), return_lse=False,
     )
     (options,) = launches
-    assert options == {**expected, "USE_LIST": False, "MARK": False, "WRITE_LSE": False, **gf.LAUNCH_OPTIONS}
+    assert options == {
+        **expected, "USE_LIST": False, "MARK": False, "ABOVE_MAX": False, "WRITE_LSE": False, **gf.LAUNCH_OPTIONS,
+    }
     assert gf.LAUNCH_OPTIONS == {"num_warps": 4, "maxnreg": 168}
+
+
+def record_launches(monkeypatch) -> list[dict]:
+    """The options of each launch of the attention kernel, which a stand-in records (and the pass
+    that applies verdicts is skipped)."""
+    launches, skipped = [], []
+
+    class Recorder:
+        def __init__(self, into: list):
+            self.into = into
+
+        def __getitem__(self, grid):
+            return lambda *args, **options: self.into.append(options)
+
+    monkeypatch.setattr(gf, "_gluon_attention_fwd", Recorder(launches))
+    monkeypatch.setattr(gf, "_apply_verdicts", Recorder(skipped))
+    return launches
+
+
+@pytest.mark.parametrize("threshold, above_max", [(-1.0, False), (0.0, False), (2.0, True), (-math.inf, False)])
+def test_positive_threshold_selects_marking_above_the_running_max(monkeypatch, threshold, above_max):
+    """Only a threshold > 0 can mark a tile whose max is above the running max before it, and only
+    then does a step of two tiles reduce the first tile's max on its own (the kernel's ABOVE_MAX)."""
+    launches = record_launches(monkeypatch)
+    geometry = TileGeometry(256, 256, 128, 64)
+    q = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16)
+    rows = 2 * geometry.q_tiles
+    bits = torch.zeros(1, 2, geometry.q_tiles, geometry.words, dtype=torch.int32)
+    work = (torch.zeros(rows, geometry.k_tiles, dtype=torch.int32), torch.zeros(rows, dtype=torch.int32))
+    gluon_forward(
+        q, q, q, geometry, scale=1.0, threshold=threshold, bits=bits, work=work,
+        stats=torch.zeros(3, dtype=torch.int64), return_lse=False,
+    )
+    (options,) = launches
+    assert options["MARK"] == (threshold != -math.inf) and options["ABOVE_MAX"] == above_max
 
 
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -167,16 +214,19 @@ ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on sm_90 only")
 @pytest.mark.parametrize("block_n, head_dim", [(64, 128), (128, 128), (64, 64), (128, 64)])
 @pytest.mark.parametrize(
-    "seq_q, seq_k, must_do, must_skip, marked",
+    "seq_q, seq_k, must_do, must_skip, marked, threshold",
     [
-        (1000, 1000, (), (), 0.0),  # partial last q-tile and k-tile
-        (300, 2100, ((0, 77),), (), 0.5),  # Sq != Sk, must-do keys inside the first tile
-        (640, 4096, ((4000, 4096),), ((0, 256),), 0.97),  # near-full mask: 1 to 6 tiles per row
-        (257, 330, (), (), 0.3),  # the last q-tile's diagonal tile is the partial last k-tile: visited first
-        (256, 8133, (), (), 0.02),  # 128 k-tiles of 64 keys, 2% pre-marked: two verdict groups, odd and even counts
+        (1000, 1000, (), (), 0.0, -1.0),  # partial last q-tile and k-tile
+        (300, 2100, ((0, 77),), (), 0.5, -1.0),  # Sq != Sk, must-do keys inside the first tile
+        (640, 4096, ((4000, 4096),), ((0, 256),), 0.97, -1.0),  # near-full mask: 1 to 6 tiles per row
+        (257, 330, (), (), 0.3, -1.0),  # the last q-tile's diagonal tile is the partial last k-tile: visited first
+        (256, 8133, (), (), 0.02, -1.0),  # 128 k-tiles of 64 keys, 2% pre-marked: several verdict groups, odd and even counts
+        # A positive threshold marks tiles up to 3 above the running max, but not a strong tile 7
+        # above a weak diagonal tile visited just before it (in the same step with 64-key tiles).
+        (4096, 4096, (), (), 0.0, 3.0),
     ],
 )
-def test_gluon_matches_portable_kernel(block_n, head_dim, seq_q, seq_k, must_do, must_skip, marked):
+def test_gluon_matches_portable_kernel(block_n, head_dim, seq_q, seq_k, must_do, must_skip, marked, threshold):
     """Output, LSE, marks and statistics of the Gluon kernel equal the portable kernel's (which the
     semantics tests hold to the reference) on the cases those tests reach only at small tiles."""
     from liteattention.kernels import triton_forward as tf
@@ -198,7 +248,7 @@ def test_gluon_matches_portable_kernel(block_n, head_dim, seq_q, seq_k, must_do,
     for forward in (tf.triton_forward, gluon_forward):
         bits, stats = start.clone(), torch.zeros(3, dtype=torch.int64, device="cuda")
         work = tf.plan_work(bits, do_words, skip_words, geometry, stats)
-        out, lse = forward(q, k, v, geometry, scale=head_dim**-0.5, threshold=-1.0, bits=bits, work=work, stats=stats, return_lse=True)
+        out, lse = forward(q, k, v, geometry, scale=head_dim**-0.5, threshold=threshold, bits=bits, work=work, stats=stats, return_lse=True)
         results.append((out.float(), lse, bits, stats))
     (out_t, lse_t, bits_t, stats_t), (out_g, lse_g, bits_g, stats_g) = results
     assert torch.equal(bits_g, bits_t) and torch.equal(stats_g, stats_t)

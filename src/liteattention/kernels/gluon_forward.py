@@ -15,11 +15,13 @@ scheduled the way FlashAttention-3 schedules Hopper, which Triton's own pipeline
   runs while the other's matrix products do;
 - with 64-key tiles, two tiles make one 128-key step: the producer copies both into one ring
   buffer, so a step is one QK^T and one PV wgmma and one softmax update, exactly as with 128-key
-  tiles, while each tile still gets its own verdict (the row max of each half of the scores).
+  tiles, while each tile still gets its own verdict (from the maxima of its half of the scores).
 
-Marking needs every row of the q-tile, but the rows are split over eight warps: once per GROUP
-tiles each warp reduces its rows' verdict bits into one word with a warp-wide AND and stores it
-(no shared memory, no barrier, no atomics, no waiting on memory inside the loop);
+Marking needs every row of the q-tile, but the rows are split over eight warps and each row's
+columns over four threads: each thread judges its own columns against the row's running max
+(a tile is negligible for a row when it is for all four threads), keeps one bit per tile, and
+once per GROUP tiles each warp reduces its threads' bits into one word with a warp-wide AND and
+stores it (no shared memory, no barrier, no atomics, no waiting on memory inside the loop);
 ``_apply_verdicts`` then marks the tiles all eight warps found negligible, one program per row.
 """
 
@@ -46,8 +48,8 @@ from .triton_forward import LOG2E, _and, _mark_word, launch_buffers
 
 # Rows of the q-tile per consumer warpgroup (one wgmma M extent); the q-tile has two halves.
 HALF_M: gl.constexpr = gl.constexpr(64)
-# Visited tiles whose verdict bits are reduced together (bits of one int64 per row).
-GROUP: gl.constexpr = gl.constexpr(64)
+# Visited tiles whose verdict bits are reduced together (bits of one uint32 per row).
+GROUP: gl.constexpr = gl.constexpr(32)
 # Consumer warps per q-tile, each storing its own verdict word per group.
 VERDICT_WARPS: gl.constexpr = gl.constexpr(8)
 # Shared memory per block on sm_90, minus headroom for the barriers.
@@ -144,26 +146,23 @@ def _masked(s, keys, seq_k, MASKED: gl.constexpr):
 @gluon.jit
 def _store_verdict(row_bits, group, verdicts_row):
     """Each warp's word of group ``group``: bit j set when all its 16 rows found the tile at visit
-    position group * GROUP + j negligible. Each thread holds two rows (r and r + 8 of the warp's
-    16, as wgmma lays out its accumulator), so one AND and a warp-wide redux give the word, with
-    no shared memory or barrier (the cross-warp reduction spilled registers in this loop). A plain
-    store: the loop never waits on memory."""
+    position group * GROUP + j negligible. Each thread holds bits for its columns of two rows (r
+    and r + 8 of the warp's 16, as wgmma lays out its accumulator), so one AND and a warp-wide
+    redux give the word, with no shared memory or barrier (the cross-warp reduction spilled
+    registers in this loop). A plain store: the loop never waits on memory."""
     word = gl.inline_asm_elementwise(
         """{
-        .reg .b32 lo, hi, lo1, hi1;
-        mov.b64 {lo, hi}, $2;
-        mov.b64 {lo1, hi1}, $3;
-        and.b32 lo, lo, lo1;
-        and.b32 hi, hi, hi1;
-        redux.sync.and.b32 lo, lo, 0xffffffff;
-        redux.sync.and.b32 hi, hi, 0xffffffff;
-        mov.b64 $0, {lo, hi};
-        mov.b64 $1, {lo, hi};
+        .reg .b32 w;
+        and.b32 w, $2, $3;
+        redux.sync.and.b32 w, w, 0xffffffff;
+        mov.b32 $0, w;
+        mov.b32 $1, w;
         }""",
-        "=l,=l,l,l", [row_bits], dtype=gl.int64, is_pure=True, pack=2,
+        "=r,=r,r,r", [row_bits], dtype=gl.uint32, is_pure=True, pack=2,
     )
-    warp = gl.arange(0, HALF_M, layout=row_bits.type.layout) // (HALF_M // 4)
-    gl.store(verdicts_row + group * VERDICT_WARPS + warp, word)
+    warp = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, word.type.layout)) // (HALF_M // 4)
+    ptr, word = gl.broadcast(verdicts_row + group * VERDICT_WARPS + warp[:, None], word)
+    gl.store(ptr, word)
 
 
 @triton.jit
@@ -230,37 +229,67 @@ def _release(kv_empty, i):
 
 
 @gluon.jit
-def _verdict_bit(row_bits, gap, threshold, padding_rows, pos):
-    negligible = (gap < threshold) | padding_rows
-    return row_bits | (negligible.to(gl.int64) << (pos % GROUP))
+def _verdict_bits(row_bits, negligible0, negligible1, STEP_TILES: gl.constexpr):
+    """Shift a step's verdicts in at the top of row_bits: after GROUP // STEP_TILES steps, bit j
+    holds the verdict of the group's j-th tile, and older bits have shifted out (no reset, and a
+    constant shift rather than one by the tile's position)."""
+    row_bits = row_bits >> STEP_TILES
+    row_bits = row_bits | (negligible0.to(gl.uint32) << (32 - STEP_TILES))
+    if STEP_TILES == 2:
+        row_bits = row_bits | (negligible1.to(gl.uint32) << 31)
+    return row_bits
+
+
+@gluon.jit
+def _per_row(x, like):
+    """Row vector x ([M]) as a column of like's layout ([M, 4], a thread's own value per row)."""
+    return gl.convert_layout(x, gl.SliceLayout(1, like.type.layout), assert_trivial=True)[:, None]
+
+
+@gluon.jit
+def _own_gap(own_max, qk_scale, m):
+    """A thread's part of a tile's gap: its own max (unscaled) against the running max m."""
+    return own_max * qk_scale - _per_row(m, own_max)
 
 
 @gluon.jit
 def _online_softmax(
-    s, qk_scale, m_i, l_i, row_bits, pos, threshold, padding_rows, MARK: gl.constexpr, BLOCK_N: gl.constexpr,
+    s, qk_scale, m_i, l_i, row_bits, row_threshold, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
+    BLOCK_N: gl.constexpr,
 ):
     """One step's update of the running max and sum (log2 units) from unscaled scores s; returns
     P and the output's rescale factor. The row maxima are taken before scaling and scaled once
     per row: qk_scale > 0 and rounding is monotonic, so max(s) * qk_scale is bit-identical to
     max(s * qk_scale), and ptxas fuses the scale into the exponent's FFMA, which saves a multiply
-    per score. With MARK, also sets the verdict bit of each of the step's tiles (visit positions
-    pos and on): a tile's gap is its max against the running max just before it, so the marks
-    are the same whether the tiles come one or two per step."""
+    per score. With MARK, also shifts in this thread's verdict bit of each of the step's tiles: a
+    tile's gap is its max against the running max just before it, so the marks are the same
+    whether the tiles come one or two per step. The verdicts use the thread's own maxima, before
+    the maxima are reduced over the quad of threads that shares a row (a max is below a bound
+    when each part is; _store_verdict's AND covers the quad), so marking adds no shuffles."""
     if MARK:
-        if s.type.shape[1] == BLOCK_N:
-            # Scaled before the max here: the other order spills registers with 128-key marking.
-            tile_max = gl.max(s * qk_scale, 1)
-            row_bits = _verdict_bit(row_bits, tile_max - m_i, threshold, padding_rows, pos)
-            m_new = gl.maximum(m_i, tile_max)
+        M: gl.constexpr = s.type.shape[0]
+        STEP_TILES: gl.constexpr = s.type.shape[1] // BLOCK_N
+        # Each thread's max over its own columns of each tile, [M, STEP_TILES, 4]: a wgmma
+        # accumulator gives lane l of a quad columns 8c + 2l and 8c + 2l + 1.
+        own = gl.max(gl.max(gl.reshape(s, [M, STEP_TILES, BLOCK_N // 8, 4, 2]), 4), 2)
+        # The row max: over the thread's tiles first (registers), then over the quad (two
+        # shuffles); the other order shuffles once per tile.
+        m_new = gl.maximum(m_i, gl.convert_layout(gl.max(gl.max(own, 1), 1), m_i.type.layout, assert_trivial=True) * qk_scale)
+        if STEP_TILES == 1:
+            own0 = gl.reshape(own, [M, 4])
+            row_bits = _verdict_bits(row_bits, _own_gap(own0, qk_scale, m_i) < _per_row(row_threshold, own0), None, 1)
         else:
-            # Each half's row max from the same registers: a thread holds columns of both halves.
-            max0, max1 = gl.split(gl.max(gl.reshape(s, [s.type.shape[0], 2, BLOCK_N]), 2))
-            max0 = gl.convert_layout(max0, m_i.type.layout, assert_trivial=True) * qk_scale
-            max1 = gl.convert_layout(max1, m_i.type.layout, assert_trivial=True) * qk_scale
-            row_bits = _verdict_bit(row_bits, max0 - m_i, threshold, padding_rows, pos)
-            m_mid = gl.maximum(m_i, max0)
-            row_bits = _verdict_bit(row_bits, max1 - m_mid, threshold, padding_rows, pos + 1)
-            m_new = gl.maximum(m_mid, max1)
+            own0, own1 = gl.split(own.permute((0, 2, 1)))
+            # The second tile's gap is against the max after the first, m_mid. A threshold <= 0
+            # only marks a tile whose max is below m_mid, so then m_new = m_mid, and the gap
+            # against m_new is the same verdict without reducing the first tile's max on its own.
+            m_mid = m_new
+            if ABOVE_MAX:
+                m_mid = gl.maximum(m_i, gl.convert_layout(gl.max(own0, 1), m_i.type.layout, assert_trivial=True) * qk_scale)
+            thr = _per_row(row_threshold, own0)
+            row_bits = _verdict_bits(
+                row_bits, _own_gap(own0, qk_scale, m_i) < thr, _own_gap(own1, qk_scale, m_mid) < thr, 2,
+            )
     else:
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     p = gl.exp2(s * qk_scale - m_new[:, None])
@@ -271,8 +300,9 @@ def _online_softmax(
 
 @gluon.jit
 def _step(
-    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, keys, p_op, m_i, l_i, acc, row_bits, zero_s, padding_rows,
-    verdicts_row, seq_k, qk_scale, threshold, BLOCK_N: gl.constexpr, MARK: gl.constexpr, MASKED: gl.constexpr,
+    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, keys, p_op, m_i, l_i, acc, row_bits, zero_s, row_threshold,
+    verdicts_row, seq_k, qk_scale, BLOCK_N: gl.constexpr, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
+    MASKED: gl.constexpr,
     half: gl.constexpr, PINGPONG: gl.constexpr, token,
 ):
     """Step i (> 0): its QK^T and PV of step i - 1 in flight together, then its softmax while that
@@ -288,8 +318,7 @@ def _step(
     # wgmma groups retire in order: one outstanding means QK^T of step i is done.
     s = warpgroup_mma_wait(1, deps=(s,))
     p, m_i, l_i, alpha, row_bits = _online_softmax(
-        _masked(s, keys, seq_k, MASKED), qk_scale, m_i, l_i, row_bits, i * STEP_TILES, threshold, padding_rows,
-        MARK, BLOCK_N,
+        _masked(s, keys, seq_k, MASKED), qk_scale, m_i, l_i, row_bits, row_threshold, MARK, ABOVE_MAX, BLOCK_N,
     )
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
     _release(kv_empty, i - 1)
@@ -299,15 +328,15 @@ def _step(
         # A step's tiles never straddle two groups (GROUP is a multiple of STEP_TILES).
         if (i * STEP_TILES + STEP_TILES - 1) % GROUP == GROUP - 1:
             _store_verdict(row_bits, i * STEP_TILES // GROUP, verdicts_row)
-            row_bits = gl.zeros_like(row_bits)
     return p_op, m_i, l_i, acc, row_bits, token
 
 
 @gluon.jit
 def _consume(
-    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
-    entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
-    BLOCK_N: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, MASK_ENDS: gl.constexpr,
+    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, row_threshold,
+    entries_row, verdicts_row, count, seq_k, qk_scale,
+    BLOCK_N: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
+    MASK_ENDS: gl.constexpr,
     half: gl.constexpr, PINGPONG: gl.constexpr,
 ):
     """Every listed tile, STEP_TILES per step (one softmax update and one output rescale per
@@ -324,35 +353,35 @@ def _consume(
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
     steps = gl.cdiv(count, STEP_N // BLOCK_N)
     # Step 0 alone: nothing to overlap its softmax with yet. Its first tile's gap is +inf (no
-    # running max), so only padding rows find it negligible and it is never marked.
+    # running max), so no row finds it negligible and it is never marked.
     keys = 0
     if MASK_ENDS:
         keys = _step_keys(entries_row, 0, count, seq_k, STEP_N, BLOCK_N, USE_LIST, cols)
     # Rounds of wgmma issue: step 0's QK^T, each later step's QK^T and PV, the last PV. With
     # PINGPONG consumer 0 issues first, and consumer 1 does not pass its last turn (every arrive
     # meets a wait).
-    token = gl.zeros_like(padding_rows.to(gl.int32))
+    token = gl.zeros_like(row_threshold.to(gl.int32))
     if half == 1:
         token = _turn(token, half, True, PINGPONG)
     s = _issue_qk(q, k_bufs, k_ready, 0, zero_s)
     token = _turn(token, half, False, PINGPONG)
     s = warpgroup_mma_wait(0, deps=(s,))
     p, m_i, l_i, alpha, row_bits = _online_softmax(
-        _masked(s, keys, seq_k, MASK_ENDS), qk_scale, m_i, l_i, gl.zeros_like(padding_rows.to(gl.int64)), 0,
-        threshold, padding_rows, MARK, BLOCK_N,
+        _masked(s, keys, seq_k, MASK_ENDS), qk_scale, m_i, l_i, 0, row_threshold, MARK, ABOVE_MAX, BLOCK_N,
     )
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     for i in range(1, steps - 1):
         p_op, m_i, l_i, acc, row_bits, token = _step(
             q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, row_bits, zero_s,
-            padding_rows, verdicts_row, seq_k, qk_scale, threshold, BLOCK_N, MARK, False, half, PINGPONG, token,
+            row_threshold, verdicts_row, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, False, half, PINGPONG, token,
         )
     if steps > 1:
         if MASK_ENDS:
             keys = _step_keys(entries_row, steps - 1, count, seq_k, STEP_N, BLOCK_N, USE_LIST, cols)
         p_op, m_i, l_i, acc, row_bits, token = _step(
             q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, steps - 1, keys, p_op, m_i, l_i, acc, row_bits, zero_s,
-            padding_rows, verdicts_row, seq_k, qk_scale, threshold, BLOCK_N, MARK, MASK_ENDS, half, PINGPONG, token,
+            row_threshold, verdicts_row, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, MASK_ENDS, half, PINGPONG,
+            token,
         )
     token = _turn(token, half, True, PINGPONG)
     acc = _issue_pv(p_op, v_bufs, v_ready, steps - 1, acc)
@@ -366,10 +395,10 @@ def _consume(
 @gluon.jit
 def _consumer_partition(
     half: gl.constexpr, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-    Out, Lse, entries_row, verdicts_row, count, b, h, pid_bh, q_row0,
+    Out, Lse, entries_row, verdicts_row, count, heads, b, h, pid_bh, q_row0,
     seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
-    BLOCK_N: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr,
-    MASK_ENDS: gl.constexpr, PINGPONG: gl.constexpr,
+    BLOCK_N: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
+    WRITE_LSE: gl.constexpr, MASK_ENDS: gl.constexpr, PINGPONG: gl.constexpr,
 ):
     """One warpgroup: rows [half * 64, half * 64 + 64) of the q-tile over every listed tile."""
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
@@ -381,7 +410,10 @@ def _consumer_partition(
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     first_row = q_row0 + half * HALF_M
-    padding_rows = first_row + gl.arange(0, HALF_M, layout=rows) >= seq_q  # never veto a mark
+    # Rows past seq_q never veto a mark: every gap is below their threshold (+inf; a gap of +inf,
+    # before any running max, or NaN, all keys masked, is so in every row and vetoes anyway).
+    padding_rows = first_row + gl.arange(0, HALF_M, layout=rows) >= seq_q
+    row_threshold = gl.where(padding_rows, float("inf"), threshold)
     m_i = gl.full([HALF_M], float("-inf"), gl.float32, rows)
     l_i = gl.zeros([HALF_M], gl.float32, rows)
     acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
@@ -390,19 +422,26 @@ def _consumer_partition(
         q = q_smem.index(half)
         mbarrier.wait(q_bars.index(half), 0)
         m_i, l_i, acc, row_bits = _consume(
-            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, padding_rows,
-            entries_row, verdicts_row, count, seq_k, qk_scale, threshold,
-            BLOCK_N, USE_LIST, MARK, MASK_ENDS, half, PINGPONG,
+            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, row_threshold,
+            entries_row, verdicts_row, count, seq_k, qk_scale,
+            BLOCK_N, USE_LIST, MARK, ABOVE_MAX, MASK_ENDS, half, PINGPONG,
         )
-        # The last group's word, unless the loop stored it with its last step.
+        # The last group's word, unless the loop stored it with its last step; its bits were
+        # shifted in at the top, so shift them down to start at bit 0.
         if MARK:
             last = gl.cdiv(count, STEP_N // BLOCK_N) * (STEP_N // BLOCK_N) - 1
             if last % GROUP != GROUP - 1:
-                _store_verdict(row_bits, last // GROUP, verdicts_row)
+                _store_verdict(row_bits >> (GROUP - 1 - last % GROUP).to(gl.uint32), last // GROUP, verdicts_row)
 
     out = acc / gl.convert_layout(l_i, o_rows)[:, None]
     offs_m = first_row + gl.arange(0, HALF_M, layout=o_rows)
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    if MARK:
+        # Worked out again rather than kept live through the loop: marking's registers leave
+        # none to spare with 128-key tiles at head dim 128 (a spill otherwise). Without marking,
+        # keeping them leaves ptxas's schedule of the dense loop as measured (docs/performance.md).
+        b = pid_bh // heads
+        h = pid_bh % heads
     # A masked store, not TMA: rows past seq_q would land in the next batch element.
     gl.store(
         Out + b.to(gl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
@@ -421,8 +460,8 @@ def _gluon_attention_fwd(
     stride_ob, stride_os, stride_oh,
     heads, seq_q, seq_k, k_tiles, groups,
     qk_scale, threshold,
-    STAGES: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, WRITE_LSE: gl.constexpr,
-    MASK_ENDS: gl.constexpr, STEP_TILES: gl.constexpr, PINGPONG: gl.constexpr,
+    STAGES: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
+    WRITE_LSE: gl.constexpr, MASK_ENDS: gl.constexpr, STEP_TILES: gl.constexpr, PINGPONG: gl.constexpr,
 ):
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -458,15 +497,15 @@ def _gluon_attention_fwd(
         [
             (_consumer_partition, (
                 0, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-                Out, Lse, entries_row, Verdicts + row * groups * VERDICT_WARPS, count, b, h, pid_bh, q_row0,
+                Out, Lse, entries_row, Verdicts + row * groups * VERDICT_WARPS, count, heads, b, h, pid_bh, q_row0,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
-                BLOCK_N, USE_LIST, MARK, WRITE_LSE, MASK_ENDS, PINGPONG,
+                BLOCK_N, USE_LIST, MARK, ABOVE_MAX, WRITE_LSE, MASK_ENDS, PINGPONG,
             )),
             (_consumer_partition, (
                 1, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-                Out, Lse, entries_row, Verdicts + row * groups * VERDICT_WARPS + VERDICT_WARPS // 2, count, b, h, pid_bh, q_row0,
+                Out, Lse, entries_row, Verdicts + row * groups * VERDICT_WARPS + VERDICT_WARPS // 2, count, heads, b, h, pid_bh, q_row0,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
-                BLOCK_N, USE_LIST, MARK, WRITE_LSE, MASK_ENDS, PINGPONG,
+                BLOCK_N, USE_LIST, MARK, ABOVE_MAX, WRITE_LSE, MASK_ENDS, PINGPONG,
             )),
             (_load_partition, (
                 q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
@@ -530,15 +569,20 @@ LAUNCH_OPTIONS = {"num_warps": 4, "maxnreg": 168}
 
 def _constexprs(
     head_dim: int, tiles: int, stages: int, *, use_list: bool, mark: bool, partial_n: bool, lse: bool,
+    above_max: bool = False,
 ) -> dict[str, int | bool]:
-    """The kernel's compile-time options. ``partial_n``: seq_k is not a multiple of block_n."""
+    """The kernel's compile-time options. ``partial_n``: seq_k is not a multiple of block_n;
+    ``above_max``: the threshold is positive, so a tile whose max is above the running max can be
+    marked (two tiles per step then reduce the first one's max on its own)."""
     return {
-        "STAGES": stages, "USE_LIST": use_list, "MARK": mark, "WRITE_LSE": lse,
+        "STAGES": stages, "USE_LIST": use_list, "MARK": mark, "ABOVE_MAX": mark and above_max, "WRITE_LSE": lse,
         "MASK_ENDS": partial_n or tiles > 1, "STEP_TILES": tiles, "PINGPONG": pingpong(head_dim),
     }
 
 
-def compile_for_sm90(head_dim: int, block_n: int, *, use_list: bool, mark: bool, partial_n: bool, lse: bool):
+def compile_for_sm90(
+    head_dim: int, block_n: int, *, use_list: bool, mark: bool, partial_n: bool, lse: bool, above_max: bool = False,
+):
     """The kernel compiled for sm_90 on any machine (ptxas runs on the host, no GPU needed), with
     the options ``gluon_forward`` would pick: for the compile tests and for reading its SASS
     (bench/gluon_sass.py). Call it without TRITON_INTERPRET, which replaces the kernel's
@@ -552,13 +596,15 @@ def compile_for_sm90(head_dim: int, block_n: int, *, use_list: bool, mark: bool,
 
     signature = {
         "q_desc": desc(HALF_M.value), "k_desc": desc(block_n), "v_desc": desc(block_n), "Out": "*bf16",
-        "Lse": "*fp32", "Verdicts": "*i64", "Entries": "*i32", "Counts": "*i32", "stride_ob": "i32",
+        "Lse": "*fp32", "Verdicts": "*i32", "Entries": "*i32", "Counts": "*i32", "stride_ob": "i32",
         "stride_os": "i32", "stride_oh": "i32", "heads": "i32", "seq_q": "i32", "seq_k": "i32", "k_tiles": "i32",
         "groups": "i32", "qk_scale": "fp32", "threshold": "fp32",
     }
     tiles = step_tiles(block_n)
     stages = default_stages(tiles * block_n, head_dim)
-    constexprs = _constexprs(head_dim, tiles, stages, use_list=use_list, mark=mark, partial_n=partial_n, lse=lse)
+    constexprs = _constexprs(
+        head_dim, tiles, stages, use_list=use_list, mark=mark, partial_n=partial_n, lse=lse, above_max=above_max,
+    )
     signature.update({name: "constexpr" for name in constexprs})
     source = GluonASTSource(fn=_gluon_attention_fwd, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=LAUNCH_OPTIONS)
@@ -594,8 +640,8 @@ def gluon_forward(
     mark, out, lse, dummy, entries, counts = launch_buffers(q, threshold, bits, work, return_lse)
     rows = batch * heads * geometry.q_tiles
     groups = triton.cdiv(geometry.k_tiles, GROUP.value)
-    # Per-call scratch: each consumer warp's verdict words, one int64 per GROUP visited tiles.
-    verdicts = torch.empty(rows, groups, VERDICT_WARPS.value, dtype=torch.int64, device=q.device) if mark else dummy
+    # Per-call scratch: each consumer warp's verdict words, one int32 per GROUP visited tiles.
+    verdicts = torch.empty(rows, groups, VERDICT_WARPS.value, dtype=torch.int32, device=q.device) if mark else dummy
     bn = geometry.block_n
     if pairs and bn != 64:
         raise ValueError(f"pairs: two tiles per step need 64-key tiles; got block_n={bn}")
@@ -617,6 +663,7 @@ def gluon_forward(
         scale * LOG2E, threshold if mark else 0.0,
         **_constexprs(
             head_dim, tiles, stages, use_list=work is not None, mark=mark, partial_n=k.shape[1] % bn != 0, lse=return_lse,
+            above_max=threshold > 0,
         ),
         **LAUNCH_OPTIONS,
     )
