@@ -1,5 +1,5 @@
 """The Gluon kernel's step loop in SASS, on any machine (no GPU): instruction counts per 128-key
-step, and their difference against copies of the kernel from other commits.
+step, and their difference against copies of the kernel from other commits, down to the order.
 
     PYTHONPATH=src python bench/gluon_sass.py --head-dim 128 --mode mark [--partial] [--show]
     git show <commit>:src/liteattention/kernels/gluon_forward.py > /tmp/gluon_old.py
@@ -8,8 +8,11 @@ step, and their difference against copies of the kernel from other commits.
 The kernel is compiled for sm_90 (``compile_for_sm90``, which a copy must have: v14 on) and
 disassembled with the nvdisasm that Triton ships. The step loop is the smallest loop that issues
 wgmma (``HGMMA``) and exponentials (``MUFU.EX2``): one per consumer warpgroup, the same code; the
-first is shown. Fewer instructions
-is a prediction, not a result: a variant still has to be timed (bench/ab_gluon.py).
+shorter is shown. Against a copy it also says whether the step loops are the same instruction for
+instruction (registers aside) and, if not, where each puts its wgmma: with the same counts, ptxas
+may still schedule the wgmma elsewhere, which has moved dense mode by 2-10% at head dim 64
+(docs/performance.md, v14 and v15). Fewer instructions is a prediction, not a result: a variant
+still has to be timed (bench/ab_gluon.py).
 """
 
 from __future__ import annotations
@@ -48,9 +51,9 @@ def disassemble(module, args: argparse.Namespace) -> str:
         return subprocess.run([str(NVDISASM), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
 
 
-def step_loop(sass: str) -> list[str]:
-    """The instructions of the smallest loop (a backward branch and its target) with HGMMA and
-    MUFU.EX2."""
+def step_loops(sass: str) -> list[list[str]]:
+    """The instructions of each innermost loop (a backward branch and its target) with HGMMA and
+    MUFU.EX2, shortest first."""
     instructions: list[tuple[int, str]] = []
     address_of: dict[str, int] = {}
     pending: list[str] = []
@@ -62,16 +65,27 @@ def step_loop(sass: str) -> list[str]:
             address_of.update((name, address) for name in pending)
             pending.clear()
             instructions.append((address, instruction.group(2)))
-    loops = []
+    spans = []
     for address, text in instructions:
         branch = BACK_BRANCH.search(text)
         if branch and address_of.get(branch.group(1), address) < address:
-            body = [t for a, t in instructions if address_of[branch.group(1)] <= a <= address]
+            start = address_of[branch.group(1)]
+            body = [t for a, t in instructions if start <= a <= address]
             if any("HGMMA" in t for t in body) and any("MUFU.EX2" in t for t in body):
-                loops.append(body)
-    if not loops:
+                spans.append((start, address, body))
+    innermost = [body for start, end, body in spans if not any(start <= s and e <= end and (s, e) != (start, end) for s, e, _ in spans)]
+    if not innermost:
         raise RuntimeError("no loop with HGMMA and MUFU.EX2 in the SASS")
-    return min(loops, key=len)
+    return sorted(innermost, key=len)
+
+
+def register_blind(loop: list[str]) -> list[str]:
+    """The loop with register, predicate and label names blanked, to compare two builds' code."""
+    return [re.sub(r"\bU?R\d+\b|\bU?P\d\b|\.L_x_\d+", "_", text) for text in loop]
+
+
+def wgmma_positions(loop: list[str]) -> list[int]:
+    return [i for i, text in enumerate(loop) if opcode(text) == "HGMMA"]
 
 
 def opcode(text: str) -> str:
@@ -90,9 +104,10 @@ def main() -> None:
     parser.add_argument("--show", action="store_true", help="print the current kernel's step loop")
     args = parser.parse_args()
     versions = {"current": gluon_forward} | {path.stem: load_version(path) for path in args.baselines}
-    counts = {}
+    counts, loops = {}, {}
     for name, module in versions.items():
-        loop = step_loop(disassemble(module, args))
+        loops[name] = step_loops(disassemble(module, args))
+        loop = loops[name][0]
         counts[name] = Counter(opcode(t) for t in loop)
         if name == "current" and args.show:
             print("\n".join(loop))
@@ -100,7 +115,13 @@ def main() -> None:
         print(f"{name:>12}: step loop {len(loop)} instructions; {top}")
     for name, count in list(counts.items())[1:]:
         changed = sorted(op for op in count.keys() | counts["current"].keys() if count[op] != counts["current"][op])
-        print(f"{name:>12} -> current: " + ", ".join(f"{op} {count[op]} -> {counts['current'][op]}" for op in changed))
+        difference = ", ".join(f"{op} {count[op]} -> {counts['current'][op]}" for op in changed)
+        print(f"{name:>12} -> current: {difference or 'the same counts'}")
+        if sorted(map(register_blind, loops[name])) == sorted(map(register_blind, loops["current"])):
+            print(f"{name:>12} -> current: the same step loops, instruction for instruction (registers aside)")
+        else:
+            where = {n: wgmma_positions(loops[n][0]) for n in (name, "current")}
+            print(f"{name:>12} -> current: the step loops differ; HGMMA at {where[name]} -> {where['current']}")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,21 @@ def test_sass_step_loop_issues_one_wgmma_pair_per_128_keys(head_dim, hgmma):
     assert (count["HGMMA"], count["MUFU"], count["SHFL"]) == (hgmma, 66, 8), count
 
 
+def test_sass_comparison_finds_a_copy_of_the_kernel_the_same(tmp_path: Path):
+    """Against a copy of the current kernel, bench/gluon_sass.py finds the same counts and the same
+    step loops instruction for instruction: what tells a change that leaves a loop alone."""
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
+        pytest.skip("no nvdisasm in this Triton")
+    copy = tmp_path / "gluon_copy.py"
+    shutil.copy(gf.__file__, copy)
+    report = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gluon_sass.py"), str(copy), "--head-dim", "64", "--mode", "dense"],
+        env=compiler_env(), capture_output=True, text=True, check=True, timeout=600,
+    ).stdout
+    assert "gluon_copy -> current: the same counts" in report, report
+    assert "gluon_copy -> current: the same step loops, instruction for instruction" in report, report
+
+
 def test_apply_verdicts_marks_tiles_negligible_for_every_warp():
     geometry = TileGeometry(seq_q=4 * 128, seq_k=150 * 64, block_m=128, block_n=64)
     rows, k_tiles, words = 4, geometry.k_tiles, geometry.words
