@@ -73,7 +73,10 @@ def step_loops(sass: str) -> list[list[str]]:
             body = [t for a, t in instructions if start <= a <= address]
             if any("HGMMA" in t for t in body) and any("MUFU.EX2" in t for t in body):
                 spans.append((start, address, body))
-    innermost = [body for start, end, body in spans if not any(start <= s and e <= end and (s, e) != (start, end) for s, e, _ in spans)]
+    innermost = [
+        body for start, end, body in spans
+        if not any(start <= s and e <= end and (s, e) != (start, end) for s, e, _ in spans)
+    ]
     if not innermost:
         raise RuntimeError("no loop with HGMMA and MUFU.EX2 in the SASS")
     return sorted(innermost, key=len)

@@ -274,7 +274,8 @@ def _online_softmax(
         own = gl.max(gl.max(gl.reshape(s, [M, STEP_TILES, BLOCK_N // 8, 4, 2]), 4), 2)
         # The row max: over the thread's tiles first (registers), then over the quad (two
         # shuffles); the other order shuffles once per tile.
-        m_new = gl.maximum(m_i, gl.convert_layout(gl.max(gl.max(own, 1), 1), m_i.type.layout, assert_trivial=True) * qk_scale)
+        row_max = gl.convert_layout(gl.max(gl.max(own, 1), 1), m_i.type.layout, assert_trivial=True)
+        m_new = gl.maximum(m_i, row_max * qk_scale)
         if STEP_TILES == 1:
             own0 = gl.reshape(own, [M, 4])
             row_bits = _verdict_bits(row_bits, _own_gap(own0, qk_scale, m_i) < _per_row(row_threshold, own0), None, 1)
@@ -285,7 +286,8 @@ def _online_softmax(
             # against m_new is the same verdict without reducing the first tile's max on its own.
             m_mid = m_new
             if ABOVE_MAX:
-                m_mid = gl.maximum(m_i, gl.convert_layout(gl.max(own0, 1), m_i.type.layout, assert_trivial=True) * qk_scale)
+                max0 = gl.convert_layout(gl.max(own0, 1), m_i.type.layout, assert_trivial=True)
+                m_mid = gl.maximum(m_i, max0 * qk_scale)
             thr = _per_row(row_threshold, own0)
             row_bits = _verdict_bits(
                 row_bits, _own_gap(own0, qk_scale, m_i) < thr, _own_gap(own1, qk_scale, m_mid) < thr, 2,
