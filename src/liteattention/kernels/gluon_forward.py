@@ -247,9 +247,10 @@ def _per_row(x, like):
 
 
 @gluon.jit
-def _own_gap(own_max, qk_scale, m):
-    """A thread's part of a tile's gap: its own max (unscaled) against the running max m."""
-    return own_max * qk_scale - _per_row(m, own_max)
+def _negligible(own_max, qk_scale, m, row_threshold):
+    """Whether a tile is negligible in this thread's columns of each row: its own max (unscaled)
+    against the running max m, below the row's threshold."""
+    return own_max * qk_scale - _per_row(m, own_max) < _per_row(row_threshold, own_max)
 
 
 @gluon.jit
@@ -278,7 +279,7 @@ def _online_softmax(
         m_new = gl.maximum(m_i, row_max * qk_scale)
         if STEP_TILES == 1:
             own0 = gl.reshape(own, [M, 4])
-            row_bits = _verdict_bits(row_bits, _own_gap(own0, qk_scale, m_i) < _per_row(row_threshold, own0), None, 1)
+            row_bits = _verdict_bits(row_bits, _negligible(own0, qk_scale, m_i, row_threshold), None, 1)
         else:
             own0, own1 = gl.split(own.permute((0, 2, 1)))
             # The second tile's gap is against the max after the first, m_mid. A threshold <= 0
@@ -288,9 +289,9 @@ def _online_softmax(
             if ABOVE_MAX:
                 max0 = gl.convert_layout(gl.max(own0, 1), m_i.type.layout, assert_trivial=True)
                 m_mid = gl.maximum(m_i, max0 * qk_scale)
-            thr = _per_row(row_threshold, own0)
             row_bits = _verdict_bits(
-                row_bits, _own_gap(own0, qk_scale, m_i) < thr, _own_gap(own1, qk_scale, m_mid) < thr, 2,
+                row_bits, _negligible(own0, qk_scale, m_i, row_threshold),
+                _negligible(own1, qk_scale, m_mid, row_threshold), 2,
             )
     else:
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
@@ -304,8 +305,7 @@ def _online_softmax(
 def _step(
     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, keys, p_op, m_i, l_i, acc, row_bits, zero_s, row_threshold,
     verdicts_row, seq_k, qk_scale, BLOCK_N: gl.constexpr, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
-    MASKED: gl.constexpr,
-    half: gl.constexpr, PINGPONG: gl.constexpr, token,
+    MASKED: gl.constexpr, half: gl.constexpr, PINGPONG: gl.constexpr, token,
 ):
     """Step i (> 0): its QK^T and PV of step i - 1 in flight together, then its softmax while that
     PV runs. Returns the operand of its own PV and the updated row state."""
@@ -338,8 +338,7 @@ def _consume(
     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, row_threshold,
     entries_row, verdicts_row, count, seq_k, qk_scale,
     BLOCK_N: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
-    MASK_ENDS: gl.constexpr,
-    half: gl.constexpr, PINGPONG: gl.constexpr,
+    MASK_ENDS: gl.constexpr, half: gl.constexpr, PINGPONG: gl.constexpr,
 ):
     """Every listed tile, STEP_TILES per step (one softmax update and one output rescale per
     step). Returns the running max, sum and output, and the verdict bits not yet stored.
