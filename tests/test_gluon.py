@@ -64,7 +64,7 @@ def test_compiles_for_sm90_without_spills(tmp_path: Path, head_dim, block_n, use
 
 
 @pytest.mark.parametrize("head_dim, hgmma", [(64, 4 + 8), (128, 8 + 8)])
-def test_sass_step_loop_issues_one_wgmma_pair_per_128_keys(head_dim, hgmma):
+def test_sass_step_loop_issues_one_wgmma_pair_per_128_keys(monkeypatch, head_dim, hgmma):
     """bench/gluon_sass.py finds the step loop, and it holds one QK^T and one PV wgmma for two
     64-key tiles (k-steps of 16: head_dim / 16 and 128 / 16 HGMMA) and one softmax update: 66
     exponentials per thread (64 rows x 128 keys over 128 threads, and the rescale of its 2 rows).
@@ -75,10 +75,10 @@ def test_sass_step_loop_issues_one_wgmma_pair_per_128_keys(head_dim, hgmma):
         [sys.executable, str(REPO / "bench" / "gluon_sass.py"), "--head-dim", str(head_dim), "--mode", "mark", "--show"],
         env=compiler_env(), capture_output=True, text=True, check=True, timeout=600,
     ).stdout.splitlines()
-    loop = [line for line in loop if line and not line.startswith(" ")]  # the summary lines are indented
-    opcodes = Counter(line.split()[0].split(".")[0] for line in loop if not line.startswith("@"))
-    predicated = Counter(line.split()[1].split(".")[0] for line in loop if line.startswith("@"))
-    count = opcodes + predicated
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from gluon_sass import opcode
+
+    count = Counter(opcode(line) for line in loop if line and not line.startswith(" "))  # the summary lines are indented
     assert (count["HGMMA"], count["MUFU"], count["SHFL"]) == (hgmma, 66, 8), count
 
 
