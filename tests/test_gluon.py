@@ -63,23 +63,35 @@ def test_compiles_for_sm90_without_spills(tmp_path: Path, head_dim, block_n, use
     assert "0 bytes spill stores, 0 bytes spill loads" in report, report
 
 
+def step_loop_opcodes(monkeypatch, head_dim: int, mode: str) -> Counter:
+    """Opcode counts of the Gluon kernel's step loop, as bench/gluon_sass.py finds it."""
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
+        pytest.skip("no nvdisasm in this Triton")
+    loop = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gluon_sass.py"), "--head-dim", str(head_dim), "--mode", mode, "--show"],
+        env=compiler_env(), capture_output=True, text=True, check=True, timeout=600,
+    ).stdout.splitlines()
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from gluon_sass import opcode
+
+    return Counter(opcode(line) for line in loop if line and not line.startswith(" "))  # the summary lines are indented
+
+
 @pytest.mark.parametrize("head_dim, hgmma", [(64, 4 + 8), (128, 8 + 8)])
 def test_sass_step_loop_issues_one_wgmma_pair_per_128_keys(monkeypatch, head_dim, hgmma):
     """bench/gluon_sass.py finds the step loop, and it holds one QK^T and one PV wgmma for two
     64-key tiles (k-steps of 16: head_dim / 16 and 128 / 16 HGMMA) and one softmax update: 66
     exponentials per thread (64 rows x 128 keys over 128 threads, and the rescale of its 2 rows).
     Marking adds no shuffles: the 8 are the max and the sum over a row's 4 threads, for 2 rows."""
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
-        pytest.skip("no nvdisasm in this Triton")
-    loop = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gluon_sass.py"), "--head-dim", str(head_dim), "--mode", "mark", "--show"],
-        env=compiler_env(), capture_output=True, text=True, check=True, timeout=600,
-    ).stdout.splitlines()
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    from gluon_sass import opcode
-
-    count = Counter(opcode(line) for line in loop if line and not line.startswith(" "))  # the summary lines are indented
+    count = step_loop_opcodes(monkeypatch, head_dim, "mark")
     assert (count["HGMMA"], count["MUFU"], count["SHFL"]) == (hgmma, 66, 8), count
+
+
+def test_sass_p_reaches_the_pv_wgmma_without_swapping_halves_at_head_dim_128(monkeypatch):
+    """At head dim 128, P's 64 values per thread become 32 packed bf16 pairs (F2FP) in the order
+    the PV wgmma reads them: no PRMT swaps the halves back (the scalar conversion needs 32)."""
+    count = step_loop_opcodes(monkeypatch, 128, "dense")
+    assert (count["F2FP"], count["PRMT"]) == (32, 0), count
 
 
 def test_sass_comparison_finds_a_copy_of_the_kernel_the_same(tmp_path: Path):

@@ -179,6 +179,33 @@ def _apply_verdicts(
     tl.atomic_add(Stats + 2, newly)
 
 
+@gluon.constexpr_function
+def _packed_p(step_tiles, head_dim, mark):
+    """Whether P is converted pair by pair: at head dim 128 (2-7% faster there), except for single
+    128-key tiles with marking, where that build spills registers. At head dim 64 ptxas then
+    schedules the wgmma differently and dense mode was 12% slower (docs/performance.md, v16)."""
+    return head_dim == 128 and not (step_tiles == 1 and mark)
+
+
+@gluon.constexpr_function
+def _packed_cvt(dtype):
+    """One PTX conversion of two floats to a 16-bit pair, element 0 in the low half."""
+    return "cvt.rn.bf16x2.f32 $0, $2, $1;" if dtype == gl.bfloat16 else "cvt.rn.f16x2.f32 $0, $2, $1;"
+
+
+@gluon.jit
+def _p_operand(p, k_bufs, BLOCK_N: gl.constexpr, MARK: gl.constexpr):
+    """P in the 16-bit type of K and V, for the PV wgmma. From 64 scalar conversions ptxas packs
+    the pairs in the opposite order and swaps the halves back before the wgmma, 32 PRMT per step;
+    one packed conversion per pair needs no swap."""
+    if _packed_p(k_bufs.type.shape[1] // BLOCK_N, k_bufs.type.shape[2], MARK):
+        return gl.inline_asm_elementwise(
+            _packed_cvt(k_bufs.dtype), "=r,r,r", [p], dtype=k_bufs.dtype, is_pure=True, pack=2,
+        )
+    else:
+        return p.to(k_bufs.dtype)
+
+
 @gluon.jit
 def _issue_qk(q, k_bufs, k_ready, j, zero_s):
     """Start S = Q K_j^T for the j-th visited tile once its K has landed."""
@@ -310,7 +337,6 @@ def _step(
     """Step i (> 0): its QK^T and PV of step i - 1 in flight together, then its softmax while that
     PV runs. Returns the operand of its own PV and the updated row state."""
     STEP_TILES: gl.constexpr = k_bufs.type.shape[1] // BLOCK_N
-    dtype: gl.constexpr = k_bufs.dtype
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
     token = _turn(token, half, True, PINGPONG)
@@ -325,7 +351,7 @@ def _step(
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
     _release(kv_empty, i - 1)
     acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    p_op = gl.convert_layout(_p_operand(p, k_bufs, BLOCK_N, MARK), p_layout)
     if MARK:
         # A step's tiles never straddle two groups (GROUP is a multiple of STEP_TILES).
         if (i * STEP_TILES + STEP_TILES - 1) % GROUP == GROUP - 1:
@@ -349,7 +375,6 @@ def _consume(
     at the ends load entries and mask; the steps in between do neither (a per-step entry load
     cost 6-20% at Wan 480p, docs/performance.md, v9)."""
     STEP_N: gl.constexpr = k_bufs.type.shape[1]
-    dtype: gl.constexpr = k_bufs.dtype
     cols: gl.constexpr = gl.SliceLayout(0, zero_s.type.layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
     steps = gl.cdiv(count, STEP_N // BLOCK_N)
@@ -370,7 +395,7 @@ def _consume(
     p, m_i, l_i, alpha, row_bits = _online_softmax(
         _masked(s, keys, seq_k, MASK_ENDS), qk_scale, m_i, l_i, 0, row_threshold, MARK, ABOVE_MAX, BLOCK_N,
     )
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    p_op = gl.convert_layout(_p_operand(p, k_bufs, BLOCK_N, MARK), p_layout)
     for i in range(1, steps - 1):
         p_op, m_i, l_i, acc, row_bits, token = _step(
             q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, row_bits, zero_s,
