@@ -63,16 +63,24 @@ def test_compiles_for_sm90_without_spills(tmp_path: Path, head_dim, block_n, use
     assert "0 bytes spill stores, 0 bytes spill loads" in report, report
 
 
+def gluon_sass(monkeypatch, *args: str) -> str:
+    """The report of bench/gluon_sass.py with these arguments, compiled without the interpreter;
+    skips where this Triton ships no nvdisasm."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from gluon_sass import NVDISASM
+
+    if not NVDISASM.exists():
+        pytest.skip("no nvdisasm in this Triton")
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gluon_sass.py"), *args],
+        env=compiler_env(), capture_output=True, text=True, check=True, timeout=600,
+    ).stdout
+
+
 def step_loop_opcodes(monkeypatch, head_dim: int, mode: str) -> Counter:
     """Opcode counts of the Gluon kernel's step loop, as bench/gluon_sass.py finds it."""
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
-        pytest.skip("no nvdisasm in this Triton")
-    loop = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gluon_sass.py"), "--head-dim", str(head_dim), "--mode", mode, "--show"],
-        env=compiler_env(), capture_output=True, text=True, check=True, timeout=600,
-    ).stdout.splitlines()
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    from gluon_sass import opcode
+    loop = gluon_sass(monkeypatch, "--head-dim", str(head_dim), "--mode", mode, "--show").splitlines()
+    from gluon_sass import opcode  # bench/ is on the path now
 
     return Counter(opcode(line) for line in loop if line and not line.startswith(" "))  # the summary lines are indented
 
@@ -94,17 +102,12 @@ def test_sass_p_reaches_the_pv_wgmma_without_swapping_halves_at_head_dim_128(mon
     assert (count["F2FP"], count["PRMT"]) == (32, 0), count
 
 
-def test_sass_comparison_finds_a_copy_of_the_kernel_the_same(tmp_path: Path):
+def test_sass_comparison_finds_a_copy_of_the_kernel_the_same(monkeypatch, tmp_path: Path):
     """Against a copy of the current kernel, bench/gluon_sass.py finds the same counts and the same
     step loops instruction for instruction: what tells a change that leaves a loop alone."""
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
-        pytest.skip("no nvdisasm in this Triton")
     copy = tmp_path / "gluon_copy.py"
     shutil.copy(gf.__file__, copy)
-    report = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gluon_sass.py"), str(copy), "--head-dim", "64", "--mode", "dense"],
-        env=compiler_env(), capture_output=True, text=True, check=True, timeout=600,
-    ).stdout
+    report = gluon_sass(monkeypatch, str(copy), "--head-dim", "64", "--mode", "dense")
     assert "gluon_copy -> current: the same counts" in report, report
     assert "gluon_copy -> current: the same step loops, instruction for instruction" in report, report
 
