@@ -51,9 +51,9 @@ def disassemble(module, args: argparse.Namespace) -> str:
         return subprocess.run([str(NVDISASM), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
 
 
-def step_loops(sass: str) -> list[list[str]]:
-    """The instructions of each innermost loop (a backward branch and its target) with HGMMA and
-    MUFU.EX2, shortest first."""
+def wgmma_loops(sass: str) -> list[tuple[int, int, list[str]]]:
+    """Every loop (a backward branch and its target) whose body holds HGMMA and MUFU.EX2: its first
+    and last address and its instructions."""
     instructions: list[tuple[int, str]] = []
     address_of: dict[str, int] = {}
     pending: list[str] = []
@@ -73,6 +73,12 @@ def step_loops(sass: str) -> list[list[str]]:
             body = [t for a, t in instructions if start <= a <= address]
             if any("HGMMA" in t for t in body) and any("MUFU.EX2" in t for t in body):
                 spans.append((start, address, body))
+    return spans
+
+
+def step_loops(sass: str) -> list[list[str]]:
+    """The instructions of each innermost loop with HGMMA and MUFU.EX2, shortest first."""
+    spans = wgmma_loops(sass)
     innermost = [
         body for start, end, body in spans
         if not any(start <= s and e <= end and (s, e) != (start, end) for s, e, _ in spans)

@@ -18,10 +18,11 @@ scheduled the way FlashAttention-3 schedules Hopper, which Triton's own pipeline
   tiles, while each tile still gets its own verdict (from the maxima of its half of the scores).
 
 Marking needs every row of the q-tile, but the rows are split over eight warps and each row's
-columns over four threads: each thread judges its own columns against the row's running max
-(a tile is negligible for a row when it is for all four threads), keeps one bit per tile, and
-once per GROUP tiles each warp reduces its threads' bits into one word with a warp-wide AND and
-stores it (no shared memory, no barrier, no atomics, no waiting on memory inside the loop);
+columns over four threads: each thread judges its own columns of its two rows against the
+rows' running maxima (a tile is negligible for a row when it is for all four threads), keeps one
+bit per tile for both rows, and after each group of GROUP tiles (an inner loop over its steps)
+each warp reduces its threads' bits into one word with a warp-wide AND and stores it (no shared
+memory, no barrier, no atomics, no waiting on memory inside the loop);
 ``_apply_verdicts`` then marks the tiles all eight warps found negligible, one program per row.
 """
 
@@ -144,24 +145,17 @@ def _masked(s, keys, seq_k, MASKED: gl.constexpr):
 
 
 @gluon.jit
-def _store_verdict(row_bits, group, verdicts_row):
+def _store_verdict(warp_bits, group, verdicts_row):
     """Each warp's word of group ``group``: bit j set when all its 16 rows found the tile at visit
-    position group * GROUP + j negligible. Each thread holds bits for its columns of two rows (r
-    and r + 8 of the warp's 16, as wgmma lays out its accumulator), so one AND and a warp-wide
-    redux give the word, with no shared memory or barrier (the cross-warp reduction spilled
-    registers in this loop). A plain store: the loop never waits on memory."""
+    position group * GROUP + j negligible. Each thread's bits already cover its two rows
+    (_verdict_bit), so a warp-wide redux gives the word, with no shared memory or barrier (the
+    cross-warp reduction spilled registers in this loop). A plain store: the loop never waits on
+    memory."""
     word = gl.inline_asm_elementwise(
-        """{
-        .reg .b32 w;
-        and.b32 w, $2, $3;
-        redux.sync.and.b32 w, w, 0xffffffff;
-        mov.b32 $0, w;
-        mov.b32 $1, w;
-        }""",
-        "=r,=r,r,r", [row_bits], dtype=gl.uint32, is_pure=True, pack=2,
+        "redux.sync.and.b32 $0, $1, 0xffffffff;", "=r,r", [warp_bits], dtype=gl.uint32, is_pure=True, pack=1,
     )
-    warp = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, word.type.layout)) // (HALF_M // 4)
-    ptr, word = gl.broadcast(verdicts_row + group * VERDICT_WARPS + warp[:, None], word)
+    warp = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, word.type.layout)))
+    ptr, word = gl.broadcast(verdicts_row + group * VERDICT_WARPS + warp[:, None, None], word)
     gl.store(ptr, word)
 
 
@@ -256,33 +250,47 @@ def _release(kv_empty, i):
 
 
 @gluon.jit
-def _verdict_bits(row_bits, negligible0, negligible1, STEP_TILES: gl.constexpr):
-    """Shift a step's verdicts in at the top of row_bits: after GROUP // STEP_TILES steps, bit j
-    holds the verdict of the group's j-th tile, and older bits have shifted out (no reset, and a
-    constant shift rather than one by the tile's position)."""
-    row_bits = row_bits >> STEP_TILES
-    row_bits = row_bits | (negligible0.to(gl.uint32) << (32 - STEP_TILES))
-    if STEP_TILES == 2:
-        row_bits = row_bits | (negligible1.to(gl.uint32) << 31)
-    return row_bits
-
-
-@gluon.jit
 def _per_row(x, like):
     """Row vector x ([M]) as a column of like's layout ([M, 4], a thread's own value per row)."""
     return gl.convert_layout(x, gl.SliceLayout(1, like.type.layout), assert_trivial=True)[:, None]
 
 
 @gluon.jit
-def _negligible(own_max, qk_scale, m, row_threshold):
-    """Whether a tile is negligible in this thread's columns of each row: its own max (unscaled)
-    against the running max m, below the row's threshold."""
-    return own_max * qk_scale - _per_row(m, own_max) < _per_row(row_threshold, own_max)
+def _row_pairs(x):
+    """x ([M, 4], rows as a wgmma accumulator lays them out: a thread holds rows r and r + 8 of
+    its warp's 16) as two [M // 16, 8, 4] tensors (warp, row r, quad lane) of the rows r and of
+    the rows r + 8: registers only."""
+    M: gl.constexpr = x.type.shape[0]
+    return gl.split(gl.reshape(x, [M // 16, 2, 8, 4]).permute((0, 2, 3, 1)))
+
+
+@gluon.constexpr_function
+def _both_below_ptx(bit):
+    """PTX: the word with only ``bit`` set when $1 < $2 and $3 < $4, else 0 (two compares chained
+    on one predicate, and a select; built by LLVM from two comparisons, the AND went through a
+    16-bit pack and a test, four more instructions)."""
+    return (
+        "{ .reg .pred p; setp.lt.f32 p, $1, $2; setp.lt.and.f32 p, $3, $4, p; "
+        f"selp.b32 $0, {1 << bit:#x}, 0, p; }}"
+    )
+
+
+@gluon.jit
+def _verdict_bit(own_max, qk_scale, m, row_threshold, BIT: gl.constexpr):
+    """Bit BIT set where a tile is negligible in this thread's columns of both its rows: each row's
+    own max (unscaled) against its running max m, below its threshold. With the two rows' AND in
+    the thread, the verdict bits take one register per thread ([M // 16, 8, 4]), not one per row."""
+    gap0, gap1 = _row_pairs(own_max * qk_scale - _per_row(m, own_max))
+    threshold0, threshold1 = _row_pairs(gl.broadcast(_per_row(row_threshold, own_max), own_max)[0])
+    return gl.inline_asm_elementwise(
+        _both_below_ptx(BIT), "=r,f,f,f,f", [gap0, threshold0, gap1, threshold1],
+        dtype=gl.uint32, is_pure=True, pack=1,
+    )
 
 
 @gluon.jit
 def _online_softmax(
-    s, qk_scale, m_i, l_i, row_bits, row_threshold, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
+    s, qk_scale, m_i, l_i, warp_bits, row_threshold, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
     BLOCK_N: gl.constexpr,
 ):
     """One step's update of the running max and sum (log2 units) from unscaled scores s; returns
@@ -304,9 +312,13 @@ def _online_softmax(
         # shuffles); the other order shuffles once per tile.
         row_max = gl.convert_layout(gl.max(gl.max(own, 1), 1), m_i.type.layout, assert_trivial=True)
         m_new = gl.maximum(m_i, row_max * qk_scale)
+        # Shifted in at the top of warp_bits: after GROUP // STEP_TILES steps, bit j holds the
+        # verdict of the group's j-th tile, and older bits have shifted out (no reset, and a
+        # constant shift rather than one by the tile's position).
+        warp_bits = warp_bits >> STEP_TILES
         if STEP_TILES == 1:
             own0 = gl.reshape(own, [M, 4])
-            row_bits = _verdict_bits(row_bits, _negligible(own0, qk_scale, m_i, row_threshold), None, 1)
+            warp_bits = warp_bits | _verdict_bit(own0, qk_scale, m_i, row_threshold, 31)
         else:
             own0, own1 = gl.split(own.permute((0, 2, 1)))
             # The second tile's gap is against the max after the first, m_mid. A threshold <= 0
@@ -316,27 +328,24 @@ def _online_softmax(
             if ABOVE_MAX:
                 max0 = gl.convert_layout(gl.max(own0, 1), m_i.type.layout, assert_trivial=True)
                 m_mid = gl.maximum(m_i, max0 * qk_scale)
-            row_bits = _verdict_bits(
-                row_bits, _negligible(own0, qk_scale, m_i, row_threshold),
-                _negligible(own1, qk_scale, m_mid, row_threshold), 2,
-            )
+            warp_bits = warp_bits | _verdict_bit(own0, qk_scale, m_i, row_threshold, 30)
+            warp_bits = warp_bits | _verdict_bit(own1, qk_scale, m_mid, row_threshold, 31)
     else:
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     p = gl.exp2(s * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
-    return p, m_new, l_i, alpha, row_bits
+    return p, m_new, l_i, alpha, warp_bits
 
 
 @gluon.jit
 def _step(
-    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, keys, p_op, m_i, l_i, acc, row_bits, zero_s, row_threshold,
-    verdicts_row, seq_k, qk_scale, BLOCK_N: gl.constexpr, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
+    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, keys, p_op, m_i, l_i, acc, warp_bits, zero_s, row_threshold,
+    seq_k, qk_scale, BLOCK_N: gl.constexpr, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
     MASKED: gl.constexpr, half: gl.constexpr, PINGPONG: gl.constexpr, token,
 ):
     """Step i (> 0): its QK^T and PV of step i - 1 in flight together, then its softmax while that
     PV runs. Returns the operand of its own PV and the updated row state."""
-    STEP_TILES: gl.constexpr = k_bufs.type.shape[1] // BLOCK_N
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
     token = _turn(token, half, True, PINGPONG)
@@ -345,18 +354,14 @@ def _step(
     token = _turn(token, half, False, PINGPONG)
     # wgmma groups retire in order: one outstanding means QK^T of step i is done.
     s = warpgroup_mma_wait(1, deps=(s,))
-    p, m_i, l_i, alpha, row_bits = _online_softmax(
-        _masked(s, keys, seq_k, MASKED), qk_scale, m_i, l_i, row_bits, row_threshold, MARK, ABOVE_MAX, BLOCK_N,
+    p, m_i, l_i, alpha, warp_bits = _online_softmax(
+        _masked(s, keys, seq_k, MASKED), qk_scale, m_i, l_i, warp_bits, row_threshold, MARK, ABOVE_MAX, BLOCK_N,
     )
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
     _release(kv_empty, i - 1)
     acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
     p_op = gl.convert_layout(_p_operand(p, k_bufs, BLOCK_N, MARK), p_layout)
-    if MARK:
-        # A step's tiles never straddle two groups (GROUP is a multiple of STEP_TILES).
-        if (i * STEP_TILES + STEP_TILES - 1) % GROUP == GROUP - 1:
-            _store_verdict(row_bits, i * STEP_TILES // GROUP, verdicts_row)
-    return p_op, m_i, l_i, acc, row_bits, token
+    return p_op, m_i, l_i, acc, warp_bits, token
 
 
 @gluon.jit
@@ -392,22 +397,39 @@ def _consume(
     s = _issue_qk(q, k_bufs, k_ready, 0, zero_s)
     token = _turn(token, half, False, PINGPONG)
     s = warpgroup_mma_wait(0, deps=(s,))
-    p, m_i, l_i, alpha, row_bits = _online_softmax(
+    p, m_i, l_i, alpha, warp_bits = _online_softmax(
         _masked(s, keys, seq_k, MASK_ENDS), qk_scale, m_i, l_i, 0, row_threshold, MARK, ABOVE_MAX, BLOCK_N,
     )
     p_op = gl.convert_layout(_p_operand(p, k_bufs, BLOCK_N, MARK), p_layout)
-    for i in range(1, steps - 1):
-        p_op, m_i, l_i, acc, row_bits, token = _step(
-            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, row_bits, zero_s,
-            row_threshold, verdicts_row, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, False, half, PINGPONG, token,
-        )
+    if MARK:
+        # The steps of each group of GROUP tiles in an inner loop, and the group's verdict word
+        # stored after it (a step's tiles never straddle two groups), rather than a test for a
+        # group's end and the store in every step: ptxas then schedules the marking loop as
+        # tightly as the list loop, and a first step is 2-12% faster (docs/performance.md, v17).
+        # Without marking the single loop stays: nested, dense mode was 3-7% slower.
+        GROUP_STEPS: gl.constexpr = GROUP // (STEP_N // BLOCK_N)
+        for start in range(0, steps - 1, GROUP_STEPS):
+            first = start + (start == 0)  # step 0 went above
+            end = start + GROUP_STEPS if start + GROUP_STEPS < steps - 1 else steps - 1
+            for i in range(first, end):
+                p_op, m_i, l_i, acc, warp_bits, token = _step(
+                    q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, warp_bits, zero_s,
+                    row_threshold, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, False, half, PINGPONG, token,
+                )
+            if start + GROUP_STEPS <= steps - 1:
+                _store_verdict(warp_bits, start // GROUP_STEPS, verdicts_row)
+    else:
+        for i in range(1, steps - 1):
+            p_op, m_i, l_i, acc, warp_bits, token = _step(
+                q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, warp_bits, zero_s,
+                row_threshold, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, False, half, PINGPONG, token,
+            )
     if steps > 1:
         if MASK_ENDS:
             keys = _step_keys(entries_row, steps - 1, count, seq_k, STEP_N, BLOCK_N, USE_LIST, cols)
-        p_op, m_i, l_i, acc, row_bits, token = _step(
-            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, steps - 1, keys, p_op, m_i, l_i, acc, row_bits, zero_s,
-            row_threshold, verdicts_row, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, MASK_ENDS, half, PINGPONG,
-            token,
+        p_op, m_i, l_i, acc, warp_bits, token = _step(
+            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, steps - 1, keys, p_op, m_i, l_i, acc, warp_bits, zero_s,
+            row_threshold, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, MASK_ENDS, half, PINGPONG, token,
         )
     token = _turn(token, half, True, PINGPONG)
     acc = _issue_pv(p_op, v_bufs, v_ready, steps - 1, acc)
@@ -415,7 +437,7 @@ def _consume(
         token = _turn(token, half, False, PINGPONG)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
     _release(kv_empty, steps - 1)
-    return m_i, l_i, acc, row_bits
+    return m_i, l_i, acc, warp_bits
 
 
 @gluon.jit
@@ -447,17 +469,16 @@ def _consumer_partition(
     if count > 0:
         q = q_smem.index(half)
         mbarrier.wait(q_bars.index(half), 0)
-        m_i, l_i, acc, row_bits = _consume(
+        m_i, l_i, acc, warp_bits = _consume(
             q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, row_threshold,
             entries_row, verdicts_row, count, seq_k, qk_scale,
             BLOCK_N, USE_LIST, MARK, ABOVE_MAX, MASK_ENDS, half, PINGPONG,
         )
-        # The last group's word, unless the loop stored it with its last step; its bits were
-        # shifted in at the top, so shift them down to start at bit 0.
+        # The last group's word (the loop stores only groups that end before the last step); its
+        # bits were shifted in at the top, so shift them down to start at bit 0.
         if MARK:
             last = gl.cdiv(count, STEP_N // BLOCK_N) * (STEP_N // BLOCK_N) - 1
-            if last % GROUP != GROUP - 1:
-                _store_verdict(row_bits >> (GROUP - 1 - last % GROUP).to(gl.uint32), last // GROUP, verdicts_row)
+            _store_verdict(warp_bits >> (GROUP - 1 - last % GROUP).to(gl.uint32), last // GROUP, verdicts_row)
 
     out = acc / gl.convert_layout(l_i, o_rows)[:, None]
     offs_m = first_row + gl.arange(0, HALF_M, layout=o_rows)
