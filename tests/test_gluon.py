@@ -35,11 +35,11 @@ open(sys.argv[8], "w").write(kernel.asm["ptx"])
     "head_dim, block_n, use_list, mark, above_max, even_n, lse",
     [
         (128, 64, 1, 1, 0, 0, 1), (128, 64, 1, 1, 1, 1, 0), (128, 128, 1, 1, 0, 0, 0), (128, 128, 1, 1, 0, 1, 0),
-        (64, 128, 0, 0, 0, 1, 0), (64, 64, 1, 1, 0, 0, 0),
+        (64, 128, 0, 0, 0, 1, 0), (64, 64, 1, 1, 0, 0, 0), (64, 64, 1, 0, 0, 0, 0),
     ],
     ids=[
         "pairs-marking-partial-lse", "pairs-marking-above-max", "single-marking-partial", "single-marking-even",
-        "single-dense-d64", "pairs-marking-d64",
+        "single-dense-d64", "pairs-marking-d64", "pairs-list-d64",
     ],
 )
 def test_compiles_for_sm90_without_spills_in_its_loops(
@@ -47,8 +47,8 @@ def test_compiles_for_sm90_without_spills_in_its_loops(
 ):
     """No register spills in dense mode or the work list; with marking, ptxas spills a few
     registers around the last step in some builds (up to 160 bytes, once per q-tile), never in a
-    loop that issues wgmma (the step loop of each consumer and, with marking, the loop over
-    groups around it)."""
+    loop that issues wgmma (the step loop of each consumer and, where the steps are nested per
+    group of tiles, the loop over groups around it)."""
     ptx = tmp_path / "kernel.ptx"
     args = [str(a) for a in (head_dim, block_n, use_list, mark, above_max, even_n, lse, ptx)]
     subprocess.run([sys.executable, "-c", COMPILE, *args], env=compiler_env(), check=True, timeout=600)
@@ -77,8 +77,9 @@ def test_compiles_for_sm90_without_spills_in_its_loops(
     # Loops end in a conditional branch back; an unconditional one comes from the out-of-line retry
     # of an mbarrier wait, which jumps back over the whole partition.
     loops = [loop for loop in wgmma_loops(sass) if loop[2][-1].startswith("@")]
-    # Per consumer warpgroup the step loop, and with marking the loop over groups of tiles around it.
-    assert len(loops) == (4 if mark else 2), [(hex(start), len(body)) for start, _, body in loops]
+    # Per consumer warpgroup the step loop, and where nested the loop over groups of tiles around it.
+    nested = gf._nested_steps(bool(use_list), bool(mark), gf.pingpong(head_dim))
+    assert len(loops) == (4 if nested else 2), [(hex(start), len(body)) for start, _, body in loops]
     local = [(hex(start), text) for start, _, body in loops for text in body if opcode(text) in ("LDL", "STL")]
     assert not local, local
 
@@ -126,12 +127,12 @@ def test_sass_p_reaches_the_pv_wgmma_without_swapping_halves_at_head_dim_128(mon
 def test_sass_marking_step_loop_neither_tests_for_a_group_end_nor_stores(monkeypatch, head_dim):
     """With marking, a group's verdict word is reduced and stored after the inner loop over its
     steps, so the step loop holds no redux and no store; marking adds the verdicts only (two
-    compares per tile and row, the select and shift of its bit): at most 12 instructions over the
-    list loop's."""
+    compares per tile and row, the select and shift of its bit, and register moves): 11
+    instructions over the list loop's at head dim 128, 13 at 64."""
     mark = step_loop_opcodes(monkeypatch, head_dim, "mark")
     listed = step_loop_opcodes(monkeypatch, head_dim, "list")
     assert (mark["REDUX"], mark["STG"], mark["FSETP"]) == (0, 0, 4), mark
-    assert sum(mark.values()) - sum(listed.values()) <= 12, (sum(mark.values()), sum(listed.values()))
+    assert sum(mark.values()) - sum(listed.values()) <= 13, (sum(mark.values()), sum(listed.values()))
 
 
 def test_sass_comparison_finds_a_copy_of_the_kernel_the_same(monkeypatch, tmp_path: Path):

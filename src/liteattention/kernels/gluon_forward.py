@@ -364,6 +364,17 @@ def _step(
     return p_op, m_i, l_i, acc, warp_bits, token
 
 
+@gluon.constexpr_function
+def _nested_steps(use_list, mark, pingpong):
+    """Whether the steps of each group of GROUP tiles run in an inner loop (the group's verdict
+    word stored after it) rather than in one loop. With marking, one loop tests for a group's end
+    and holds the store in every step; nested, ptxas schedules the marking loop as tightly as the
+    list loop, and a first step was 2-12% faster. Without marking it only moves ptxas's schedule:
+    the list with ping-pong (head dim 64) ran 11% faster nested, but dense mode was 3-7% slower
+    and the list at head dim 128 2.5% slower (docs/performance.md, v17)."""
+    return mark or (use_list and pingpong)
+
+
 @gluon.jit
 def _consume(
     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, row_threshold,
@@ -401,12 +412,7 @@ def _consume(
         _masked(s, keys, seq_k, MASK_ENDS), qk_scale, m_i, l_i, 0, row_threshold, MARK, ABOVE_MAX, BLOCK_N,
     )
     p_op = gl.convert_layout(_p_operand(p, k_bufs, BLOCK_N, MARK), p_layout)
-    if MARK:
-        # The steps of each group of GROUP tiles in an inner loop, and the group's verdict word
-        # stored after it (a step's tiles never straddle two groups), rather than a test for a
-        # group's end and the store in every step: ptxas then schedules the marking loop as
-        # tightly as the list loop, and a first step is 2-12% faster (docs/performance.md, v17).
-        # Without marking the single loop stays: nested, dense mode was 3-7% slower.
+    if _nested_steps(USE_LIST, MARK, PINGPONG):
         GROUP_STEPS: gl.constexpr = GROUP // (STEP_N // BLOCK_N)
         for start in range(0, steps - 1, GROUP_STEPS):
             first = start + (start == 0)  # step 0 went above
@@ -416,7 +422,8 @@ def _consume(
                     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, warp_bits, zero_s,
                     row_threshold, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, False, half, PINGPONG, token,
                 )
-            if start + GROUP_STEPS <= steps - 1:
+            # A step's tiles never straddle two groups: GROUP is a multiple of STEP_TILES.
+            if MARK and start + GROUP_STEPS <= steps - 1:
                 _store_verdict(warp_bits, start // GROUP_STEPS, verdicts_row)
     else:
         for i in range(1, steps - 1):
