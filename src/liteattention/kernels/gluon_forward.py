@@ -154,7 +154,7 @@ def _store_verdict(warp_bits, group, verdicts_row):
     word = gl.inline_asm_elementwise(
         "redux.sync.and.b32 $0, $1, 0xffffffff;", "=r,r", [warp_bits], dtype=gl.uint32, is_pure=True, pack=1,
     )
-    warp = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, word.type.layout)))
+    warp = gl.arange(0, HALF_M // 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, word.type.layout)))
     ptr, word = gl.broadcast(verdicts_row + group * VERDICT_WARPS + warp[:, None, None], word)
     gl.store(ptr, word)
 
@@ -266,9 +266,9 @@ def _row_pairs(x):
 
 @gluon.constexpr_function
 def _both_below_ptx(bit):
-    """PTX: the word with only ``bit`` set when $1 < $2 and $3 < $4, else 0 (two compares chained
-    on one predicate, and a select; built by LLVM from two comparisons, the AND went through a
-    16-bit pack and a test, four more instructions)."""
+    """PTX: the word with only ``bit`` set when $1 < $2 and $3 < $4, else 0: two compares chained
+    on one predicate, and a select. From two comparisons and an AND, LLVM packed the two flags
+    into 16 bits and tested them, four instructions more."""
     return (
         "{ .reg .pred p; setp.lt.f32 p, $1, $2; setp.lt.and.f32 p, $3, $4, p; "
         f"selp.b32 $0, {1 << bit:#x}, 0, p; }}"
@@ -369,7 +369,7 @@ def _nested_steps(use_list, mark, pingpong):
     """Whether the steps of each group of GROUP tiles run in an inner loop (the group's verdict
     word stored after it) rather than in one loop. With marking, one loop tests for a group's end
     and holds the store in every step; nested, ptxas schedules the marking loop as tightly as the
-    list loop, and a first step was 2-12% faster. Without marking it only moves ptxas's schedule:
+    list loop, and a first step was 1.6-12% faster. Without marking it only moves ptxas's schedule:
     the list with ping-pong (head dim 64) ran 11% faster nested, but dense mode was 3-7% slower
     and the list at head dim 128 2.5% slower (docs/performance.md, v17)."""
     return mark or (use_list and pingpong)
