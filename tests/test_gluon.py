@@ -1,6 +1,7 @@
-"""The Gluon (sm_90) kernel off the GPU: it compiles for sm_90 without register spills in its loops, and the
-pass that turns its verdict words into marks matches a plain computation (under the interpreter
-when there is no GPU). On an H200, test_semantics.py runs the kernel itself against the reference."""
+"""The Gluon (sm_90) kernel off the GPU: it compiles for sm_90 without register spills in its
+loops, and the pass that turns its verdict words into marks matches a plain computation (under
+the interpreter when there is no GPU). On an H200, test_semantics.py runs the kernel itself
+against the reference."""
 
 import math
 import shutil
@@ -124,7 +125,7 @@ def test_sass_p_reaches_the_pv_wgmma_without_swapping_halves_at_head_dim_128(mon
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_sass_marking_step_loop_neither_tests_for_a_group_end_nor_stores(monkeypatch, head_dim):
+def test_sass_marking_step_loop_holds_no_verdict_store(monkeypatch, head_dim):
     """With marking, a group's verdict word is reduced and stored after the inner loop over its
     steps, so the step loop holds no redux and no store; marking adds the verdicts only (two
     compares per tile and row, the select and shift of its bit, and register moves): 11
