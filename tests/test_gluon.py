@@ -69,30 +69,32 @@ def test_compiles_for_sm90_without_spills_in_its_loops(
     ).stderr
     if not mark:
         assert "0 bytes spill stores, 0 bytes spill loads" in report, report
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    from gluon_sass import NVDISASM, opcode, wgmma_loops
-
-    if not NVDISASM.exists():
-        pytest.skip("no nvdisasm in this Triton")
-    sass = subprocess.run([str(NVDISASM), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    tools = sass_tools(monkeypatch)
+    sass = subprocess.run([str(tools.NVDISASM), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
     # Loops end in a conditional branch back; an unconditional one comes from the out-of-line retry
     # of an mbarrier wait, which jumps back over the whole partition.
-    loops = [loop for loop in wgmma_loops(sass) if loop[2][-1].startswith("@")]
+    loops = [loop for loop in tools.wgmma_loops(sass) if loop[2][-1].startswith("@")]
     # Per consumer warpgroup the step loop, and where nested the loop over groups of tiles around it.
     nested = gf._nested_steps(bool(use_list), bool(mark), gf.pingpong(head_dim))
     assert len(loops) == (4 if nested else 2), [(hex(start), len(body)) for start, _, body in loops]
-    local = [(hex(start), text) for start, _, body in loops for text in body if opcode(text) in ("LDL", "STL")]
+    local = [(hex(start), text) for start, _, body in loops for text in body if tools.opcode(text) in ("LDL", "STL")]
     assert not local, local
 
 
-def gluon_sass(monkeypatch, *args: str) -> str:
-    """The report of bench/gluon_sass.py with these arguments, compiled without the interpreter;
-    skips where this Triton ships no nvdisasm."""
+def sass_tools(monkeypatch):
+    """bench/gluon_sass.py as a module (disassembler path, loop finder, opcode parser); skips
+    where this Triton ships no nvdisasm."""
     monkeypatch.syspath_prepend(str(REPO / "bench"))
-    from gluon_sass import NVDISASM
+    import gluon_sass
 
-    if not NVDISASM.exists():
+    if not gluon_sass.NVDISASM.exists():
         pytest.skip("no nvdisasm in this Triton")
+    return gluon_sass
+
+
+def gluon_sass(monkeypatch, *args: str) -> str:
+    """The report of bench/gluon_sass.py with these arguments, compiled without the interpreter."""
+    sass_tools(monkeypatch)
     return subprocess.run(
         [sys.executable, str(REPO / "bench" / "gluon_sass.py"), *args],
         env=compiler_env(), capture_output=True, text=True, check=True, timeout=600,
@@ -102,8 +104,7 @@ def gluon_sass(monkeypatch, *args: str) -> str:
 def step_loop_opcodes(monkeypatch, head_dim: int, mode: str) -> Counter:
     """Opcode counts of the Gluon kernel's step loop, as bench/gluon_sass.py finds it."""
     loop = gluon_sass(monkeypatch, "--head-dim", str(head_dim), "--mode", mode, "--show").splitlines()
-    from gluon_sass import opcode  # bench/ is on the path now
-
+    opcode = sass_tools(monkeypatch).opcode
     return Counter(opcode(line) for line in loop if line and not line.startswith(" "))  # the summary lines are indented
 
 
