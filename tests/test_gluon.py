@@ -3,6 +3,7 @@ loops, and the pass that turns its verdict words into marks matches a plain comp
 the interpreter when there is no GPU). On an H200, test_semantics.py runs the kernel itself
 against the reference."""
 
+import functools
 import math
 import shutil
 import subprocess
@@ -47,9 +48,9 @@ def test_compiles_for_sm90_without_spills_in_its_loops(
     monkeypatch, tmp_path: Path, head_dim, block_n, use_list, mark, above_max, even_n, lse,
 ):
     """No register spills in dense mode or the work list; with marking, ptxas spills a few
-    registers around the last step in some builds (up to 160 bytes, once per q-tile), never in a
-    loop that issues wgmma (the step loop of each consumer and, where the steps are nested per
-    group of tiles, the loop over groups around it)."""
+    registers around the last step in one build (under 64 bytes, once per q-tile), never in a
+    loop that issues wgmma inside the loop over q-tiles (the step loop of each consumer and,
+    where the steps are nested per group of tiles, the loop over groups around it)."""
     ptx = tmp_path / "kernel.ptx"
     args = [str(a) for a in (head_dim, block_n, use_list, mark, above_max, even_n, lse, ptx)]
     subprocess.run([sys.executable, "-c", COMPILE, *args], env=compiler_env(), check=True, timeout=600)
@@ -74,10 +75,13 @@ def test_compiles_for_sm90_without_spills_in_its_loops(
     # Loops end in a conditional branch back; an unconditional one comes from the out-of-line retry
     # of an mbarrier wait, which jumps back over the whole partition.
     loops = [loop for loop in tools.wgmma_loops(sass) if loop[2][-1].startswith("@")]
-    # Per consumer warpgroup the step loop, and where nested the loop over groups of tiles around it.
+    # Per consumer warpgroup the loop over q-tiles, the step loop inside it, and where nested the
+    # loop over groups of tiles between them.
     nested = gf._nested_steps(bool(use_list), bool(mark), gf.pingpong(head_dim))
-    assert len(loops) == (4 if nested else 2), [(hex(start), len(body)) for start, _, body in loops]
-    local = [(hex(start), text) for start, _, body in loops for text in body if tools.opcode(text) in ("LDL", "STL")]
+    assert len(loops) == (6 if nested else 4), [(hex(start), len(body)) for start, _, body in loops]
+    inner = [(start, body) for start, end, body in loops if any(s < start and end <= e for s, e, _ in loops)]
+    assert len(inner) == (4 if nested else 2)
+    local = [(hex(start), text) for start, body in inner for text in body if tools.opcode(text) in ("LDL", "STL")]
     assert not local, local
 
 
@@ -196,6 +200,8 @@ def test_ring_depths_fit_shared_memory():
     assert (gf.stages_for(128, 128), gf.stages_for(128, 64), gf.stages_for(64, 128)) == (3, 6, 6)
     assert gf.default_stages(128, 128) == gf.default_stages(128, 64) == 3
     assert (gf.step_tiles(64), gf.step_tiles(128)) == (2, 1)
+    # A second Q buffer (32 KiB at head dim 128, 16 KiB at 64) fits next to a ring of 3 at head dim 64 only.
+    assert (gf.q_buffers(128, 64, 3), gf.q_buffers(128, 128, 3), gf.q_buffers(128, 128, 2)) == (2, 1, 2)
 
 
 @pytest.mark.parametrize(
@@ -215,9 +221,9 @@ def test_bad_launch_options_are_refused(block_n, pairs, stages, match):
 @pytest.mark.parametrize(
     "head_dim, seq_k, block_n, expected",
     [
-        (64, 1000, 64, {"STAGES": 3, "STEP_TILES": 2, "MASK_ENDS": True, "PINGPONG": True}),
-        (128, 1024, 128, {"STAGES": 3, "STEP_TILES": 1, "MASK_ENDS": False, "PINGPONG": False}),
-        (128, 1000, 128, {"STAGES": 3, "STEP_TILES": 1, "MASK_ENDS": True, "PINGPONG": False}),
+        (64, 1000, 64, {"STAGES": 3, "Q_BUFS": 2, "STEP_TILES": 2, "MASK_ENDS": True, "PINGPONG": True}),
+        (128, 1024, 128, {"STAGES": 3, "Q_BUFS": 1, "STEP_TILES": 1, "MASK_ENDS": False, "PINGPONG": False}),
+        (128, 1000, 128, {"STAGES": 3, "Q_BUFS": 1, "STEP_TILES": 1, "MASK_ENDS": True, "PINGPONG": False}),
     ],
 )
 def test_launch_options(monkeypatch, head_dim, seq_k, block_n, expected):
@@ -231,16 +237,37 @@ def test_launch_options(monkeypatch, head_dim, seq_k, block_n, expected):
         q, k, k, TileGeometry(256, seq_k, 128, block_n), scale=1.0, threshold=-10.0, bits=None, work=None,
         stats=torch.zeros(3, dtype=torch.int64), return_lse=False,
     )
-    (options,) = launches
+    ((grid, options),) = launches
+    assert grid == (4,)  # 2 heads x 2 q-tiles, fewer than the SMs: one program each
     assert options == {
         **expected, "USE_LIST": False, "MARK": False, "ABOVE_MAX": False, "WRITE_LSE": False, **gf.LAUNCH_OPTIONS,
     }
     assert gf.LAUNCH_OPTIONS == {"num_warps": 4, "maxnreg": 168}
 
 
-def record_launches(monkeypatch) -> list[dict]:
-    """The options of each launch of the attention kernel, which a stand-in records (and the pass
-    that applies verdicts is skipped)."""
+@pytest.mark.parametrize("programs, grid", [(None, 132), (3, 3), (1000, 320)])
+def test_persistent_grid_has_a_program_per_sm_at_most_one_per_q_tile(monkeypatch, programs, grid):
+    launches = record_launches(monkeypatch)
+    q = torch.zeros(1, 1024, 40, 64, dtype=torch.bfloat16)  # 40 heads x 8 q-tiles = 320 q-tiles
+    gluon_forward(
+        q, q, q, TileGeometry(1024, 1024, 128, 64), scale=1.0, threshold=-10.0, bits=None, work=None,
+        stats=torch.zeros(3, dtype=torch.int64), return_lse=False, programs=programs,
+    )
+    assert [launch[0] for launch in launches] == [(grid,)]
+
+
+def test_persistent_grid_of_no_programs_is_refused():
+    q = torch.zeros(1, 256, 1, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="programs: expected at least 1; got 0"):
+        gluon_forward(
+            q, q, q, TileGeometry(256, 256, 128, 64), scale=1.0, threshold=-10.0, bits=None, work=None,
+            stats=torch.zeros(3, dtype=torch.int64), return_lse=False, programs=0,
+        )
+
+
+def record_launches(monkeypatch) -> list[tuple[tuple[int], dict]]:
+    """The grid and options of each launch of the attention kernel, which a stand-in records (and
+    the pass that applies verdicts is skipped), on a device of 132 SMs."""
     launches, skipped = [], []
 
     class Recorder:
@@ -248,8 +275,9 @@ def record_launches(monkeypatch) -> list[dict]:
             self.into = into
 
         def __getitem__(self, grid):
-            return lambda *args, **options: self.into.append(options)
+            return lambda *args, **options: self.into.append((grid, options))
 
+    monkeypatch.setattr(gf, "_sm_count", lambda device: 132)
     monkeypatch.setattr(gf, "_gluon_attention_fwd", Recorder(launches))
     monkeypatch.setattr(gf, "_apply_verdicts", Recorder(skipped))
     return launches
@@ -269,7 +297,7 @@ def test_positive_threshold_selects_marking_above_the_running_max(monkeypatch, t
         q, q, q, geometry, scale=1.0, threshold=threshold, bits=bits, work=work,
         stats=torch.zeros(3, dtype=torch.int64), return_lse=False,
     )
-    (options,) = launches
+    ((_, options),) = launches
     assert options["MARK"] == (threshold != -math.inf) and options["ABOVE_MAX"] == above_max
 
 
@@ -291,9 +319,12 @@ ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == 
         (4096, 4096, (), (), 0.0, 3.0),
     ],
 )
-def test_gluon_matches_portable_kernel(block_n, head_dim, seq_q, seq_k, must_do, must_skip, marked, threshold):
+@pytest.mark.parametrize("programs", [None, 3], ids=["program-per-sm", "3-programs"])
+def test_gluon_matches_portable_kernel(programs, block_n, head_dim, seq_q, seq_k, must_do, must_skip, marked, threshold):
     """Output, LSE, marks and statistics of the Gluon kernel equal the portable kernel's (which the
-    semantics tests hold to the reference) on the cases those tests reach only at small tiles."""
+    semantics tests hold to the reference) on the cases those tests reach only at small tiles; with
+    3 persistent programs, each takes several q-tiles in turn (the K/V ring, the Q buffers and the
+    ping-pong turns run on from one to the next, past q-tiles with nothing to compute)."""
     from liteattention.kernels import triton_forward as tf
     from liteattention.plan import range_words
 
@@ -310,7 +341,7 @@ def test_gluon_matches_portable_kernel(block_n, head_dim, seq_q, seq_k, must_do,
     mask = torch.rand(batch, heads, geometry.q_tiles, geometry.k_tiles, device="cuda", generator=gen) < marked
     start = pack_bits(mask)
     results = []
-    for forward in (tf.triton_forward, gluon_forward):
+    for forward in (tf.triton_forward, functools.partial(gluon_forward, programs=programs)):
         bits, stats = start.clone(), torch.zeros(3, dtype=torch.int64, device="cuda")
         work = tf.plan_work(bits, do_words, skip_words, geometry, stats)
         out, lse = forward(q, k, v, geometry, scale=head_dim**-0.5, threshold=threshold, bits=bits, work=work, stats=stats, return_lse=True)
@@ -323,3 +354,25 @@ def test_gluon_matches_portable_kernel(block_n, head_dim, seq_q, seq_k, must_do,
     torch.testing.assert_close(lse_g[computed], lse_t[computed], atol=2e-3, rtol=0)
     rows = computed.transpose(1, 2)  # (B, Sq, H), like the output's leading dims
     torch.testing.assert_close(out_g[rows], out_t[rows], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on sm_90 only")
+@pytest.mark.parametrize("block_n, head_dim", [(64, 128), (128, 128), (64, 64)])
+def test_persistent_programs_change_no_bit_of_dense_mode(block_n, head_dim):
+    """Dense mode (no list, no state) with one program taking every q-tile, or three taking them
+    in turn, gives the very output and LSE of a program per q-tile: a q-tile's arithmetic does not
+    depend on which program runs it or what it ran before."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(2, 1000, 3, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    geometry = TileGeometry(1000, 1000, 128, block_n)
+    results = [
+        gluon_forward(
+            q, k, v, geometry, scale=head_dim**-0.5, threshold=-math.inf, bits=None, work=None,
+            stats=torch.zeros(3, dtype=torch.int64, device="cuda"), return_lse=True, programs=programs,
+        )
+        for programs in (None, 1, 3)
+    ]
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+    assert torch.isfinite(results[0][0]).all()
+

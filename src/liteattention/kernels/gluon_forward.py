@@ -15,7 +15,12 @@ scheduled the way FlashAttention-3 schedules Hopper, which Triton's own pipeline
   runs while the other's matrix products do;
 - with 64-key tiles, two tiles make one 128-key step: the producer copies both into one ring
   buffer, so a step is one QK^T and one PV wgmma and one softmax update, exactly as with 128-key
-  tiles, while each tile still gets its own verdict (from the maxima of its half of the scores).
+  tiles, while each tile still gets its own verdict (from the maxima of its half of the scores);
+- persistent: one program per SM works through the q-tiles, which its producer claims one by one
+  from a counter in row order and hands to the consumers with their Q; the K/V ring, the Q
+  buffers and the ping-pong turns run on from one q-tile to the next, so a q-tile's Q load and
+  first copies go out under the previous one's last steps. A launched block per q-tile paid all
+  of that alone, about 4.6 steps' worth, a third of a q-tile's time at 90% skipped on LTX-Video.
 
 Marking needs every row of the q-tile, but the rows are split over eight warps and each row's
 columns over four threads: each thread judges its own columns of its two rows against the
@@ -28,6 +33,7 @@ memory, no barrier, no atomics, no waiting on memory inside the loop);
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -89,32 +95,102 @@ def _copy_step(desc, buf, ready, entries_row, i, count, row0, col, USE_LIST: gl.
 
 
 @gluon.jit
+def _count_of(Counts, tile, rows, k_tiles, USE_LIST: gl.constexpr):
+    """Listed tiles of q-tile ``tile`` (a row of the (b, h, q-tile) grid; 0 past the last row)."""
+    if USE_LIST:
+        return gl.load(Counts + tile, mask=tile < rows, other=0)
+    else:
+        return gl.where(tile < rows, k_tiles, 0)
+
+
+@gluon.jit
+def _tile_origin(tile, q_tiles, heads):
+    """Batch element, head and first row of q-tile ``tile``."""
+    bh = tile // q_tiles
+    return bh // heads, bh % heads, (tile % q_tiles) * (2 * HALF_M)
+
+
+@gluon.jit
+def _hand_over(q_desc, q_smem, q_ready, q_empty, claims, started, tile, count, seq_q, q_tiles, heads):
+    """The producer gives the consumers their next q-tile (``started`` earlier ones): once both are
+    done with the Q buffer it takes, the q-tile and its count go into that buffer's claim and its
+    Q halves are copied in (no copy for a count of 0, or for a tile past the rows, which tells the
+    consumers to stop). The claim is written before the arrivals on q_ready, whose release makes
+    it visible to the consumers that wait on them."""
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+    Q_BUFS: gl.constexpr = q_smem.type.shape[0] // 2
+    slot = started % Q_BUFS
+    for half in gl.static_range(2):
+        # The first round passes.
+        mbarrier.wait(q_empty.index(2 * slot + half), ((started // Q_BUFS) & 1) ^ 1)
+    # Each thread holds the whole claim, so the thread that arrives has written it itself.
+    fields = gl.arange(0, 2, layout=gl.BlockedLayout([2], [32], [1], [0]))
+    claims.index(slot).store(gl.where(fields == 0, tile, count))
+    b, h, q_row0 = _tile_origin(tile, q_tiles, heads)
+    for half in gl.static_range(2):
+        ready = q_ready.index(2 * slot + half)
+        mbarrier.expect(ready, q_desc.block_type.nbytes, pred=count > 0)
+        mbarrier.arrive(ready, pred=count == 0)
+        tma.async_copy_global_to_shared(
+            q_desc, [b * seq_q + q_row0 + half * HALF_M, h * HEAD_DIM], ready, q_smem.index(2 * slot + half),
+            pred=count > 0,
+        )
+
+
+@gluon.jit
+def _claim(claims, q_ready, started, half: gl.constexpr):
+    """A consumer's next q-tile and its count, once the producer handed it over (and its Q landed)."""
+    Q_BUFS: gl.constexpr = claims.type.shape[0]
+    slot = started % Q_BUFS
+    mbarrier.wait(q_ready.index(2 * slot + half), (started // Q_BUFS) & 1)
+    fields_layout: gl.constexpr = gl.BlockedLayout([2], [32], [4], [0])
+    claim = claims.index(slot).load(fields_layout)
+    fields = gl.arange(0, 2, layout=fields_layout)
+    return gl.sum(gl.where(fields == 0, claim, 0), 0), gl.sum(gl.where(fields == 1, claim, 0), 0)
+
+
+@gluon.jit
 def _load_partition(
-    q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-    entries_row, count, b, h, q_row0, seq_q, seq_k, USE_LIST: gl.constexpr,
+    q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, q_empty, claims, k_ready, v_ready, kv_empty,
+    Entries, Counts, Next, rows, q_tiles, heads, k_tiles, seq_q, seq_k, USE_LIST: gl.constexpr,
 ):
-    """The producer warp: Q's two halves once, then K and V of each step's listed tiles into the
-    ring (one or two tiles per buffer)."""
+    """The producer warp: claims q-tiles (its program's own first, then the next unclaimed one from
+    the counter at Next, in row order, as a hardware grid would hand out blocks, so q-tiles of
+    uneven work balance over the programs), hands each to the consumers with its Q, then copies K
+    and V of each step's listed tiles into the ring (one or two tiles per buffer). The ring and
+    the Q buffers run on across q-tiles, so the next q-tile's first copies go out while the
+    consumers still work on the previous one."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     STAGES: gl.constexpr = k_bufs.type.shape[0]
     STEP_TILES: gl.constexpr = k_bufs.type.shape[1] // BLOCK_N
-    for half in gl.static_range(2):
-        # With nothing to compute (count 0) no consumer would wait for Q: leave no copy in flight.
-        mbarrier.expect(q_bars.index(half), q_desc.block_type.nbytes, pred=count > 0)
-        tma.async_copy_global_to_shared(
-            q_desc, [b * seq_q + q_row0 + half * HALF_M, h * HEAD_DIM], q_bars.index(half), q_smem.index(half),
-            pred=count > 0,
-        )
-    for i in range(gl.cdiv(count, STEP_TILES)):
-        stage = i % STAGES
-        # Wait until both consumers released the buffers' previous step (the first round passes).
-        mbarrier.wait(kv_empty.index(stage), ((i // STAGES) & 1) ^ 1)
-        mbarrier.expect(k_ready.index(stage), STEP_TILES * k_desc.block_type.nbytes)
-        mbarrier.expect(v_ready.index(stage), STEP_TILES * v_desc.block_type.nbytes)
-        # All of the step's K goes before its V.
-        _copy_step(k_desc, k_bufs.index(stage), k_ready.index(stage), entries_row, i, count, b * seq_k, h * HEAD_DIM, USE_LIST)
-        _copy_step(v_desc, v_bufs.index(stage), v_ready.index(stage), entries_row, i, count, b * seq_k, h * HEAD_DIM, USE_LIST)
+    base = 0  # steps copied for earlier q-tiles: the ring position
+    started = 0  # q-tiles handed over
+    tile = gl.program_id(0)
+    count = _count_of(Counts, tile, rows, k_tiles, USE_LIST)
+    while tile < rows:
+        # Claimed and counted a q-tile ahead: the latency stays under this q-tile's copies.
+        next_tile = gl.num_programs(0) + gl.atomic_add(Next, 1)
+        next_count = _count_of(Counts, next_tile, rows, k_tiles, USE_LIST)
+        _hand_over(q_desc, q_smem, q_ready, q_empty, claims, started, tile, count, seq_q, q_tiles, heads)
+        b, h, q_row0 = _tile_origin(tile, q_tiles, heads)
+        entries_row = Entries + tile.to(gl.int64) * k_tiles
+        steps = gl.cdiv(count, STEP_TILES)
+        for i in range(steps):
+            j = base + i
+            stage = j % STAGES
+            # Wait until both consumers released the buffers' previous step (the first round passes).
+            mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(stage), STEP_TILES * k_desc.block_type.nbytes)
+            mbarrier.expect(v_ready.index(stage), STEP_TILES * v_desc.block_type.nbytes)
+            # All of the step's K goes before its V.
+            _copy_step(k_desc, k_bufs.index(stage), k_ready.index(stage), entries_row, i, count, b * seq_k, h * HEAD_DIM, USE_LIST)
+            _copy_step(v_desc, v_bufs.index(stage), v_ready.index(stage), entries_row, i, count, b * seq_k, h * HEAD_DIM, USE_LIST)
+        base += steps
+        started += 1
+        tile = next_tile
+        count = next_count
+    _hand_over(q_desc, q_smem, q_ready, q_empty, claims, started, rows, 0, seq_q, q_tiles, heads)
 
 
 @gluon.jit
@@ -378,12 +454,13 @@ def _nested_steps(use_list, mark, pingpong):
 @gluon.jit
 def _consume(
     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, row_threshold,
-    entries_row, verdicts_row, count, seq_k, qk_scale,
+    entries_row, verdicts_row, count, base, seq_k, qk_scale, token,
     BLOCK_N: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
     MASK_ENDS: gl.constexpr, half: gl.constexpr, PINGPONG: gl.constexpr,
 ):
-    """Every listed tile, STEP_TILES per step (one softmax update and one output rescale per
-    step). Returns the running max, sum and output, and the verdict bits not yet stored.
+    """Every listed tile of one q-tile, STEP_TILES per step (one softmax update and one output
+    rescale per step), from ring position ``base`` on. Returns the running max, sum and output,
+    the verdict bits not yet stored, and the ping-pong token.
 
     Only the first and the last step can hold a key to mask (MASK_ENDS): the partial last k-tile
     is visited first or last (the diagonal tile, then the rest ascending, ``plan_work``; plain
@@ -399,25 +476,23 @@ def _consume(
     keys = 0
     if MASK_ENDS:
         keys = _step_keys(entries_row, 0, count, seq_k, STEP_N, BLOCK_N, USE_LIST, cols)
-    # Rounds of wgmma issue: step 0's QK^T, each later step's QK^T and PV, the last PV. With
-    # PINGPONG consumer 0 issues first, and consumer 1 does not pass its last turn (every arrive
-    # meets a wait).
-    token = gl.zeros_like(row_threshold.to(gl.int32))
-    if half == 1:
-        token = _turn(token, half, True, PINGPONG)
-    s = _issue_qk(q, k_bufs, k_ready, 0, zero_s)
+    # Rounds of wgmma issue: step 0's QK^T, each later step's QK^T and PV, the last PV; with
+    # PINGPONG each round waits for this consumer's turn and passes it on.
+    token = _turn(token, half, True, PINGPONG)
+    s = _issue_qk(q, k_bufs, k_ready, base, zero_s)
     token = _turn(token, half, False, PINGPONG)
     s = warpgroup_mma_wait(0, deps=(s,))
     p, m_i, l_i, alpha, warp_bits = _online_softmax(
         _masked(s, keys, seq_k, MASK_ENDS), qk_scale, m_i, l_i, 0, row_threshold, MARK, ABOVE_MAX, BLOCK_N,
     )
     p_op = gl.convert_layout(_p_operand(p, k_bufs, BLOCK_N, MARK), p_layout)
+    # The loops count ring positions (base + step).
     if _nested_steps(USE_LIST, MARK, PINGPONG):
         GROUP_STEPS: gl.constexpr = GROUP // (STEP_N // BLOCK_N)
         for start in range(0, steps - 1, GROUP_STEPS):
             first = start + (start == 0)  # step 0 went above
             end = start + GROUP_STEPS if start + GROUP_STEPS < steps - 1 else steps - 1
-            for i in range(first, end):
+            for i in range(base + first, base + end):
                 p_op, m_i, l_i, acc, warp_bits, token = _step(
                     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, warp_bits, zero_s,
                     row_threshold, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, False, half, PINGPONG, token,
@@ -426,121 +501,137 @@ def _consume(
             if MARK and start + GROUP_STEPS <= steps - 1:
                 _store_verdict(warp_bits, start // GROUP_STEPS, verdicts_row)
     else:
-        for i in range(1, steps - 1):
+        for i in range(base + 1, base + steps - 1):
             p_op, m_i, l_i, acc, warp_bits, token = _step(
                 q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, warp_bits, zero_s,
                 row_threshold, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, False, half, PINGPONG, token,
             )
+    last = base + steps - 1
     if steps > 1:
         if MASK_ENDS:
             keys = _step_keys(entries_row, steps - 1, count, seq_k, STEP_N, BLOCK_N, USE_LIST, cols)
         p_op, m_i, l_i, acc, warp_bits, token = _step(
-            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, steps - 1, keys, p_op, m_i, l_i, acc, warp_bits, zero_s,
+            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, last, keys, p_op, m_i, l_i, acc, warp_bits, zero_s,
             row_threshold, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, MASK_ENDS, half, PINGPONG, token,
         )
     token = _turn(token, half, True, PINGPONG)
-    acc = _issue_pv(p_op, v_bufs, v_ready, steps - 1, acc)
-    if half == 0:
-        token = _turn(token, half, False, PINGPONG)
+    acc = _issue_pv(p_op, v_bufs, v_ready, last, acc)
+    token = _turn(token, half, False, PINGPONG)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-    _release(kv_empty, steps - 1)
-    return m_i, l_i, acc, warp_bits
+    _release(kv_empty, last)
+    return m_i, l_i, acc, warp_bits, token
 
 
 @gluon.jit
 def _consumer_partition(
-    half: gl.constexpr, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-    Out, Lse, entries_row, verdicts_row, count, heads, b, h, pid_bh, q_row0,
+    half: gl.constexpr, q_smem, k_bufs, v_bufs, q_ready, q_empty, claims, k_ready, v_ready, kv_empty,
+    Out, Lse, Entries, Verdicts, rows, q_tiles, heads, k_tiles, groups,
     seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
     BLOCK_N: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
     WRITE_LSE: gl.constexpr, MASK_ENDS: gl.constexpr, PINGPONG: gl.constexpr,
 ):
-    """One warpgroup: rows [half * 64, half * 64 + 64) of the q-tile over every listed tile."""
+    """One warpgroup: rows [half * 64, half * 64 + 64) of each q-tile the producer hands over, over
+    every listed tile, then their output (and LSE), until it hands over a tile past the rows."""
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
     STEP_N: gl.constexpr = k_bufs.type.shape[1]
+    STEP_TILES: gl.constexpr = STEP_N // BLOCK_N
+    Q_BUFS: gl.constexpr = q_smem.type.shape[0] // 2
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, STEP_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
-    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    first_row = q_row0 + half * HALF_M
-    # Rows past seq_q never veto a mark: every gap is below their threshold (+inf; a gap of +inf,
-    # before any running max, or NaN, all keys masked, is so in every row and vetoes anyway).
-    padding_rows = first_row + gl.arange(0, HALF_M, layout=rows) >= seq_q
-    row_threshold = gl.where(padding_rows, float("inf"), threshold)
-    m_i = gl.full([HALF_M], float("-inf"), gl.float32, rows)
-    l_i = gl.zeros([HALF_M], gl.float32, rows)
-    acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
     zero_s = gl.zeros([HALF_M, STEP_N], gl.float32, s_layout)
-    if count > 0:
-        q = q_smem.index(half)
-        mbarrier.wait(q_bars.index(half), 0)
-        m_i, l_i, acc, warp_bits = _consume(
-            q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, row_threshold,
-            entries_row, verdicts_row, count, seq_k, qk_scale,
-            BLOCK_N, USE_LIST, MARK, ABOVE_MAX, MASK_ENDS, half, PINGPONG,
-        )
-        # The last group's word (the loop stores only groups that end before the last step); its
-        # bits were shifted in at the top, so shift them down to start at bit 0.
-        if MARK:
-            last = gl.cdiv(count, STEP_N // BLOCK_N) * (STEP_N // BLOCK_N) - 1
-            _store_verdict(warp_bits >> (GROUP - 1 - last % GROUP).to(gl.uint32), last // GROUP, verdicts_row)
 
-    out = acc / gl.convert_layout(l_i, o_rows)[:, None]
-    offs_m = first_row + gl.arange(0, HALF_M, layout=o_rows)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    if MARK:
-        # Worked out again rather than kept live through the loop: marking's registers leave
-        # none to spare with 128-key tiles at head dim 128 (a spill otherwise). Without marking,
-        # keeping them leaves ptxas's schedule of the dense loop as measured (docs/performance.md).
-        b = pid_bh // heads
-        h = pid_bh % heads
-    # A masked store, not TMA: rows past seq_q would land in the next batch element.
-    gl.store(
-        Out + b.to(gl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
-        out.to(dtype),
-        mask=(offs_m < seq_q)[:, None],
-    )
-    if WRITE_LSE:
-        lse_rows = first_row + gl.arange(0, HALF_M, layout=rows)
-        lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
-        gl.store(Lse + pid_bh.to(gl.int64) * seq_q + lse_rows, lse, mask=lse_rows < seq_q)
+    # The ping-pong turns run on across q-tiles: consumer 0 issues first, on a turn consumer 1
+    # passes here, and takes the turn consumer 1 passes after its last round at the end (every
+    # arrive meets a wait).
+    token = gl.zeros([HALF_M], gl.int32, s_rows)
+    if half == 1:
+        token = _turn(token, half, False, PINGPONG)
+    base = 0  # steps consumed for earlier q-tiles: the ring position
+    started = 0  # q-tiles taken over
+    tile, count = _claim(claims, q_ready, started, half)
+    while tile < rows:
+        slot = 2 * (started % Q_BUFS) + half
+        first_row = (tile % q_tiles) * (2 * HALF_M) + half * HALF_M
+        # Rows past seq_q never veto a mark: every gap is below their threshold (+inf; a gap of
+        # +inf, before any running max, or NaN, all keys masked, is so in every row and vetoes
+        # anyway).
+        padding_rows = first_row + gl.arange(0, HALF_M, layout=s_rows) >= seq_q
+        row_threshold = gl.where(padding_rows, float("inf"), threshold)
+        m_i = gl.full([HALF_M], float("-inf"), gl.float32, s_rows)
+        l_i = gl.zeros([HALF_M], gl.float32, s_rows)
+        acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
+        if count > 0:
+            verdicts_row = Verdicts + tile.to(gl.int64) * (groups * VERDICT_WARPS) + half * (VERDICT_WARPS // 2)
+            m_i, l_i, acc, warp_bits, token = _consume(
+                q_smem.index(slot), k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, row_threshold,
+                Entries + tile.to(gl.int64) * k_tiles, verdicts_row, count, base, seq_k, qk_scale, token,
+                BLOCK_N, USE_LIST, MARK, ABOVE_MAX, MASK_ENDS, half, PINGPONG,
+            )
+            # The last group's word (the loop stores only groups that end before the last step);
+            # its bits were shifted in at the top, so shift them down to start at bit 0.
+            if MARK:
+                last = gl.cdiv(count, STEP_TILES) * STEP_TILES - 1
+                _store_verdict(warp_bits >> (GROUP - 1 - last % GROUP).to(gl.uint32), last // GROUP, verdicts_row)
+            base += gl.cdiv(count, STEP_TILES)
+        # The claim and Q are free for the producer's next hand-over once every warp is past its
+        # last wgmma and has read the claim.
+        gl.thread_barrier()
+        mbarrier.arrive(q_empty.index(slot), count=1)
+
+        out = acc / gl.convert_layout(l_i, o_rows)[:, None]
+        b, h, q_row0 = _tile_origin(tile, q_tiles, heads)
+        offs_m = first_row + gl.arange(0, HALF_M, layout=o_rows)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        # A masked store, not TMA: rows past seq_q would land in the next batch element.
+        gl.store(
+            Out + b.to(gl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+            out.to(dtype),
+            mask=(offs_m < seq_q)[:, None],
+        )
+        if WRITE_LSE:
+            lse_rows = first_row + gl.arange(0, HALF_M, layout=s_rows)
+            lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
+            gl.store(Lse + (tile // q_tiles).to(gl.int64) * seq_q + lse_rows, lse, mask=lse_rows < seq_q)
+        started += 1
+        tile, count = _claim(claims, q_ready, started, half)
+    if half == 0:
+        token = _turn(token, half, True, PINGPONG)
 
 
 @gluon.jit
 def _gluon_attention_fwd(
-    q_desc, k_desc, v_desc, Out, Lse, Verdicts, Entries, Counts,
+    q_desc, k_desc, v_desc, Out, Lse, Verdicts, Entries, Counts, Next,
     stride_ob, stride_os, stride_oh,
-    heads, seq_q, seq_k, k_tiles, groups,
+    rows, q_tiles, heads, seq_q, seq_k, k_tiles, groups,
     qk_scale, threshold,
-    STAGES: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
-    WRITE_LSE: gl.constexpr, MASK_ENDS: gl.constexpr, STEP_TILES: gl.constexpr, PINGPONG: gl.constexpr,
+    STAGES: gl.constexpr, Q_BUFS: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr,
+    ABOVE_MAX: gl.constexpr, WRITE_LSE: gl.constexpr, MASK_ENDS: gl.constexpr, STEP_TILES: gl.constexpr,
+    PINGPONG: gl.constexpr,
 ):
-    pid_m = gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    b = pid_bh // heads
-    h = pid_bh % heads
-    row = pid_bh.to(gl.int64) * gl.num_programs(0) + pid_m  # (b, h, q-tile) row of the tile grid
-    q_row0 = pid_m * (2 * HALF_M)
-    entries_row = Entries + row * k_tiles
-    if USE_LIST:
-        count = gl.load(Counts + row)
-    else:
-        count = k_tiles
-
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    """Persistent: each program works through q-tiles (rows (b, h, q-tile) of the tile grid) until
+    none is left, so one q-tile's loads and first steps go under the previous one's last steps
+    and output store, instead of each q-tile paying its own launch, Q load and pipeline fill.
+    Next: a zeroed counter of the q-tiles claimed after each program's first."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+    # Q_BUFS pairs of halves: with two, the next q-tile's Q loads while this one's is in use.
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * Q_BUFS] + q_desc.block_type.shape, q_desc.layout)
     # A ring buffer holds one step: STEP_TILES k-tiles, one TMA copy each.
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, STEP_TILES * BLOCK_N, HEAD_DIM], k_desc.layout)
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, STEP_TILES * BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [2 * Q_BUFS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2 * Q_BUFS, 1], mbarrier.MBarrierLayout())
+    # Per Q buffer, the q-tile whose Q it holds and that q-tile's count.
+    claims = gl.allocate_shared_memory(gl.int32, [Q_BUFS, 2], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for half in gl.static_range(2):
-        mbarrier.init(q_bars.index(half), count=1)
+    for slot in gl.static_range(2 * Q_BUFS):
+        mbarrier.init(q_ready.index(slot), count=1)
+        mbarrier.init(q_empty.index(slot), count=1)  # the consumer of that half
     for stage in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(stage), count=1)
         mbarrier.init(v_ready.index(stage), count=1)
@@ -550,20 +641,20 @@ def _gluon_attention_fwd(
     gl.warp_specialize(
         [
             (_consumer_partition, (
-                0, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-                Out, Lse, entries_row, Verdicts + row * groups * VERDICT_WARPS, count, heads, b, h, pid_bh, q_row0,
+                0, q_smem, k_bufs, v_bufs, q_ready, q_empty, claims, k_ready, v_ready, kv_empty,
+                Out, Lse, Entries, Verdicts, rows, q_tiles, heads, k_tiles, groups,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
                 BLOCK_N, USE_LIST, MARK, ABOVE_MAX, WRITE_LSE, MASK_ENDS, PINGPONG,
             )),
             (_consumer_partition, (
-                1, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-                Out, Lse, entries_row, Verdicts + row * groups * VERDICT_WARPS + VERDICT_WARPS // 2, count, heads, b, h, pid_bh, q_row0,
+                1, q_smem, k_bufs, v_bufs, q_ready, q_empty, claims, k_ready, v_ready, kv_empty,
+                Out, Lse, Entries, Verdicts, rows, q_tiles, heads, k_tiles, groups,
                 seq_q, seq_k, stride_ob, stride_os, stride_oh, qk_scale, threshold,
                 BLOCK_N, USE_LIST, MARK, ABOVE_MAX, WRITE_LSE, MASK_ENDS, PINGPONG,
             )),
             (_load_partition, (
-                q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, k_ready, v_ready, kv_empty,
-                entries_row, count, b, h, q_row0, seq_q, seq_k, USE_LIST,
+                q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, q_empty, claims, k_ready, v_ready, kv_empty,
+                Entries, Counts, Next, rows, q_tiles, heads, k_tiles, seq_q, seq_k, USE_LIST,
             )),
         ],
         [4, 1],
@@ -577,6 +668,13 @@ def stages_for(step_n: int, head_dim: int, itemsize: int = 2) -> int:
     q_bytes = 2 * HALF_M.value * head_dim * itemsize
     stage_bytes = 2 * step_n * head_dim * itemsize
     return max(0, min(6, (SMEM_BYTES - q_bytes) // stage_bytes))
+
+
+def q_buffers(step_n: int, head_dim: int, stages: int, itemsize: int = 2) -> int:
+    """Q buffers (pairs of halves) next to a ring of ``stages``: two where they fit (head dim 64),
+    so that a program's next q-tile loads its Q before the current one is done with its own."""
+    q_bytes = 2 * HALF_M.value * head_dim * itemsize
+    return 2 if 2 * q_bytes + stages * 2 * step_n * head_dim * itemsize <= SMEM_BYTES else 1
 
 
 def step_tiles(block_n: int) -> int:
@@ -622,15 +720,16 @@ LAUNCH_OPTIONS = {"num_warps": 4, "maxnreg": 168}
 
 
 def _constexprs(
-    head_dim: int, tiles: int, stages: int, *, use_list: bool, mark: bool, partial_n: bool, lse: bool,
-    above_max: bool = False,
+    head_dim: int, block_n: int, tiles: int, stages: int, *, use_list: bool, mark: bool, partial_n: bool,
+    lse: bool, above_max: bool = False, itemsize: int = 2,
 ) -> dict[str, int | bool]:
     """The kernel's compile-time options. ``partial_n``: seq_k is not a multiple of block_n;
     ``above_max``: the threshold is positive, so a tile whose max is above the running max can be
     marked (two tiles per step then reduce the first one's max on its own)."""
     return {
-        "STAGES": stages, "USE_LIST": use_list, "MARK": mark, "ABOVE_MAX": mark and above_max, "WRITE_LSE": lse,
-        "MASK_ENDS": partial_n or tiles > 1, "STEP_TILES": tiles, "PINGPONG": pingpong(head_dim),
+        "STAGES": stages, "Q_BUFS": q_buffers(tiles * block_n, head_dim, stages, itemsize), "USE_LIST": use_list, "MARK": mark,
+        "ABOVE_MAX": mark and above_max, "WRITE_LSE": lse, "MASK_ENDS": partial_n or tiles > 1, "STEP_TILES": tiles,
+        "PINGPONG": pingpong(head_dim),
     }
 
 
@@ -650,18 +749,24 @@ def compile_for_sm90(
 
     signature = {
         "q_desc": desc(HALF_M.value), "k_desc": desc(block_n), "v_desc": desc(block_n), "Out": "*bf16",
-        "Lse": "*fp32", "Verdicts": "*i32", "Entries": "*i32", "Counts": "*i32", "stride_ob": "i32",
-        "stride_os": "i32", "stride_oh": "i32", "heads": "i32", "seq_q": "i32", "seq_k": "i32", "k_tiles": "i32",
-        "groups": "i32", "qk_scale": "fp32", "threshold": "fp32",
+        "Lse": "*fp32", "Verdicts": "*i32", "Entries": "*i32", "Counts": "*i32", "Next": "*i32", "stride_ob": "i32",
+        "stride_os": "i32", "stride_oh": "i32", "rows": "i32", "q_tiles": "i32", "heads": "i32", "seq_q": "i32",
+        "seq_k": "i32", "k_tiles": "i32", "groups": "i32", "qk_scale": "fp32", "threshold": "fp32",
     }
     tiles = step_tiles(block_n)
     stages = default_stages(tiles * block_n, head_dim)
     constexprs = _constexprs(
-        head_dim, tiles, stages, use_list=use_list, mark=mark, partial_n=partial_n, lse=lse, above_max=above_max,
+        head_dim, block_n, tiles, stages, use_list=use_list, mark=mark, partial_n=partial_n, lse=lse, above_max=above_max,
     )
     signature.update({name: "constexpr" for name in constexprs})
     source = GluonASTSource(fn=_gluon_attention_fwd, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=LAUNCH_OPTIONS)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device: the persistent grid's size."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
@@ -686,10 +791,13 @@ def gluon_forward(
     return_lse: bool,
     stages: int | None = None,
     pairs: bool | None = None,
+    programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the Gluon kernel (then, when marking, the pass that applies the verdicts);
     arguments as for :func:`triton_forward.triton_forward`. ``stages`` (K/V ring depth) and
-    ``pairs`` (two 64-key tiles per step) override the defaults, for measurements."""
+    ``pairs`` (two 64-key tiles per step) override the defaults, for measurements; ``programs``
+    (persistent programs, by default one per SM) for tests, which need several q-tiles per
+    program at small sizes."""
     batch, seq_q, heads, head_dim = q.shape
     mark, out, lse, dummy, entries, counts = launch_buffers(q, threshold, bits, work, return_lse)
     rows = batch * heads * geometry.q_tiles
@@ -709,15 +817,20 @@ def gluon_forward(
             f"stages: expected 2 to {fits} for {tiles} tile(s) per step at block_n={bn}, "
             f"head_dim={head_dim}; got {stages}"
         )
-    _gluon_attention_fwd[(geometry.q_tiles, batch * heads)](
+    if programs is None:
+        programs = _sm_count(q.device)
+    elif programs < 1:
+        raise ValueError(f"programs: expected at least 1; got {programs}")
+    _gluon_attention_fwd[(min(programs, rows),)](
         _descriptor(q, HALF_M.value), _descriptor(k, bn), _descriptor(v, bn),
         out, lse if lse is not None else dummy, verdicts, entries, counts,
+        torch.zeros(1, dtype=torch.int32, device=q.device),  # the q-tile counter
         out.stride(0), out.stride(1), out.stride(2),
-        heads, seq_q, k.shape[1], geometry.k_tiles, groups,
+        rows, geometry.q_tiles, heads, seq_q, k.shape[1], geometry.k_tiles, groups,
         scale * LOG2E, threshold if mark else 0.0,
         **_constexprs(
-            head_dim, tiles, stages, use_list=work is not None, mark=mark, partial_n=k.shape[1] % bn != 0, lse=return_lse,
-            above_max=threshold > 0,
+            head_dim, bn, tiles, stages, use_list=work is not None, mark=mark, partial_n=k.shape[1] % bn != 0,
+            lse=return_lse, above_max=threshold > 0, itemsize=q.element_size(),
         ),
         **LAUNCH_OPTIONS,
     )
