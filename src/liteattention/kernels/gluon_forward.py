@@ -543,9 +543,9 @@ def _consumer_partition(
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     zero_s = gl.zeros([HALF_M, STEP_N], gl.float32, s_layout)
 
-    # The ping-pong turns run on across q-tiles: consumer 0 issues first, on a turn consumer 1
-    # passes here, and takes the turn consumer 1 passes after its last round at the end (every
-    # arrive meets a wait).
+    # The ping-pong turns run on across q-tiles. Consumer 1 passes the first turn here, so
+    # consumer 0 issues first; at the end consumer 0 takes the turn consumer 1 passed after its
+    # last round (every arrive meets a wait).
     token = gl.zeros([HALF_M], gl.int32, s_rows)
     if half == 1:
         token = _turn(token, half, False, PINGPONG)
@@ -554,7 +554,7 @@ def _consumer_partition(
     tile, count = _claim(claims, q_ready, started, half)
     while tile < rows:
         slot = 2 * (started % Q_BUFS) + half
-        first_row = (tile % q_tiles) * (2 * HALF_M) + half * HALF_M
+        first_row = _tile_origin(tile, q_tiles, heads)[2] + half * HALF_M
         # Rows past seq_q never veto a mark: every gap is below their threshold (+inf; a gap of
         # +inf, before any running max, or NaN, all keys masked, is so in every row and vetoes
         # anyway).
@@ -582,7 +582,8 @@ def _consumer_partition(
         mbarrier.arrive(q_empty.index(slot), count=1)
 
         out = acc / gl.convert_layout(l_i, o_rows)[:, None]
-        b, h, q_row0 = _tile_origin(tile, q_tiles, heads)
+        # Worked out here rather than kept live through the steps.
+        b, h, _ = _tile_origin(tile, q_tiles, heads)
         offs_m = first_row + gl.arange(0, HALF_M, layout=o_rows)
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         # A masked store, not TMA: rows past seq_q would land in the next batch element.
@@ -727,9 +728,9 @@ def _constexprs(
     ``above_max``: the threshold is positive, so a tile whose max is above the running max can be
     marked (two tiles per step then reduce the first one's max on its own)."""
     return {
-        "STAGES": stages, "Q_BUFS": q_buffers(tiles * block_n, head_dim, stages, itemsize), "USE_LIST": use_list, "MARK": mark,
-        "ABOVE_MAX": mark and above_max, "WRITE_LSE": lse, "MASK_ENDS": partial_n or tiles > 1, "STEP_TILES": tiles,
-        "PINGPONG": pingpong(head_dim),
+        "STAGES": stages, "Q_BUFS": q_buffers(tiles * block_n, head_dim, stages, itemsize), "USE_LIST": use_list,
+        "MARK": mark, "ABOVE_MAX": mark and above_max, "WRITE_LSE": lse, "MASK_ENDS": partial_n or tiles > 1,
+        "STEP_TILES": tiles, "PINGPONG": pingpong(head_dim),
     }
 
 
