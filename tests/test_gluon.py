@@ -376,3 +376,34 @@ def test_persistent_programs_change_no_bit_of_dense_mode(block_n, head_dim):
         assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
     assert torch.isfinite(results[0][0]).all()
 
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on sm_90 only")
+@pytest.mark.parametrize("programs", [None, 3], ids=["program-per-sm", "3-programs"])
+def test_q_tiles_with_nothing_to_compute_pass_their_turn(programs):
+    """Every other q-tile has all its tiles marked already (count 0): the producer hands it over
+    without a Q copy, and its rows come out as the portable kernel's (no computed key: NaN), while
+    the q-tiles around it compute and mark as usual."""
+    from liteattention.kernels import triton_forward as tf
+    from liteattention.plan import range_words
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v = (torch.randn(2, 1000, 3, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    k[:, 500:] *= 0.05
+    geometry = TileGeometry(1000, 1000, 128, 64)
+    do_words, skip_words = range_words(geometry, (), (), q.device)
+    mask = torch.zeros(2, 3, geometry.q_tiles, geometry.k_tiles, dtype=torch.bool, device="cuda")
+    mask[:, :, ::2] = True
+    results = []
+    for forward in (tf.triton_forward, functools.partial(gluon_forward, programs=programs)):
+        bits, stats = pack_bits(mask), torch.zeros(3, dtype=torch.int64, device="cuda")
+        work = tf.plan_work(bits, do_words, skip_words, geometry, stats)
+        out, lse = forward(q, k, v, geometry, scale=0.125, threshold=-1.0, bits=bits, work=work, stats=stats, return_lse=True)
+        results.append((out.float(), lse, bits, stats, work[1]))
+    (out_t, lse_t, bits_t, stats_t, counts), (out_g, lse_g, bits_g, stats_g, _) = results
+    assert (counts == 0).sum() == counts.numel() // 2 and stats_t[2] > 0
+    assert torch.equal(bits_g, bits_t) and torch.equal(stats_g, stats_t)
+    assert torch.equal(torch.isfinite(lse_g), torch.isfinite(lse_t))
+    computed = torch.isfinite(lse_t)
+    torch.testing.assert_close(lse_g[computed], lse_t[computed], atol=2e-3, rtol=0)
+    torch.testing.assert_close(out_g, out_t, atol=2e-2, rtol=2e-2, equal_nan=True)
+
