@@ -572,10 +572,11 @@ def _consumer_partition(
             )
             # The last group's word (the loop stores only groups that end before the last step);
             # its bits were shifted in at the top, so shift them down to start at bit 0.
+            steps = gl.cdiv(count, STEP_TILES)
             if MARK:
-                last = gl.cdiv(count, STEP_TILES) * STEP_TILES - 1
+                last = steps * STEP_TILES - 1
                 _store_verdict(warp_bits >> (GROUP - 1 - last % GROUP).to(gl.uint32), last // GROUP, verdicts_row)
-            base += gl.cdiv(count, STEP_TILES)
+            base += steps
         # The claim and Q are free for the producer's next hand-over once every warp is past its
         # last wgmma and has read the claim.
         gl.thread_barrier()
@@ -663,19 +664,23 @@ def _gluon_attention_fwd(
     )
 
 
+def _smem_bytes(step_n: int, head_dim: int, itemsize: int) -> tuple[int, int]:
+    """Shared memory of one Q buffer (the q-tile's two halves) and of one K/V ring stage."""
+    return 2 * HALF_M.value * head_dim * itemsize, 2 * step_n * head_dim * itemsize
+
+
 def stages_for(step_n: int, head_dim: int, itemsize: int = 2) -> int:
     """Deepest K/V ring (at most 6) of step_n-key buffers that fits next to Q's two halves in
     shared memory."""
-    q_bytes = 2 * HALF_M.value * head_dim * itemsize
-    stage_bytes = 2 * step_n * head_dim * itemsize
+    q_bytes, stage_bytes = _smem_bytes(step_n, head_dim, itemsize)
     return max(0, min(6, (SMEM_BYTES - q_bytes) // stage_bytes))
 
 
 def q_buffers(step_n: int, head_dim: int, stages: int, itemsize: int = 2) -> int:
     """Q buffers (pairs of halves) next to a ring of ``stages``: two where they fit (head dim 64),
     so that a program's next q-tile loads its Q before the current one is done with its own."""
-    q_bytes = 2 * HALF_M.value * head_dim * itemsize
-    return 2 if 2 * q_bytes + stages * 2 * step_n * head_dim * itemsize <= SMEM_BYTES else 1
+    q_bytes, stage_bytes = _smem_bytes(step_n, head_dim, itemsize)
+    return 2 if 2 * q_bytes + stages * stage_bytes <= SMEM_BYTES else 1
 
 
 def step_tiles(block_n: int) -> int:
