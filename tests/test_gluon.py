@@ -325,7 +325,6 @@ def test_gluon_matches_portable_kernel(programs, block_n, head_dim, seq_q, seq_k
     semantics tests hold to the reference) on the cases those tests reach only at small tiles; with
     3 persistent programs, each takes several q-tiles in turn (the K/V ring, the Q buffers and the
     ping-pong turns run on from one to the next, past q-tiles with nothing to compute)."""
-    from liteattention.kernels import triton_forward as tf
     from liteattention.plan import range_words
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -339,14 +338,25 @@ def test_gluon_matches_portable_kernel(programs, block_n, head_dim, seq_q, seq_k
     geometry = TileGeometry(seq_q, seq_k, 128, block_n)
     do_words, skip_words = range_words(geometry, must_do, must_skip, q.device)
     mask = torch.rand(batch, heads, geometry.q_tiles, geometry.k_tiles, device="cuda", generator=gen) < marked
-    start = pack_bits(mask)
+    assert_gluon_matches_portable(q, k, v, geometry, mask, do_words, skip_words, threshold, programs)
+
+
+def assert_gluon_matches_portable(q, k, v, geometry, mask, do_words, skip_words, threshold, programs):
+    """Both kernels from the same marked tiles (mask) with marking on: the same marks and
+    statistics, which include new marks, and the same LSE and output in the rows with a computed
+    key (NaN in both elsewhere). Returns both outputs and the work list's counts."""
+    from liteattention.kernels import triton_forward as tf
+
     results = []
     for forward in (tf.triton_forward, functools.partial(gluon_forward, programs=programs)):
-        bits, stats = start.clone(), torch.zeros(3, dtype=torch.int64, device="cuda")
+        bits, stats = pack_bits(mask), torch.zeros(3, dtype=torch.int64, device="cuda")
         work = tf.plan_work(bits, do_words, skip_words, geometry, stats)
-        out, lse = forward(q, k, v, geometry, scale=head_dim**-0.5, threshold=threshold, bits=bits, work=work, stats=stats, return_lse=True)
-        results.append((out.float(), lse, bits, stats))
-    (out_t, lse_t, bits_t, stats_t), (out_g, lse_g, bits_g, stats_g) = results
+        out, lse = forward(
+            q, k, v, geometry, scale=q.shape[-1] ** -0.5, threshold=threshold, bits=bits, work=work, stats=stats,
+            return_lse=True,
+        )
+        results.append((out.float(), lse, bits, stats, work[1]))
+    (out_t, lse_t, bits_t, stats_t, counts), (out_g, lse_g, bits_g, stats_g, _) = results
     assert torch.equal(bits_g, bits_t) and torch.equal(stats_g, stats_t)
     assert stats_t[2] > 0  # the case does mark (checked with the portable kernel on the CPU)
     computed = torch.isfinite(lse_t)  # rows with no computed key are NaN in both
@@ -354,6 +364,7 @@ def test_gluon_matches_portable_kernel(programs, block_n, head_dim, seq_q, seq_k
     torch.testing.assert_close(lse_g[computed], lse_t[computed], atol=2e-3, rtol=0)
     rows = computed.transpose(1, 2)  # (B, Sq, H), like the output's leading dims
     torch.testing.assert_close(out_g[rows], out_t[rows], atol=2e-2, rtol=2e-2)
+    return out_t, out_g, counts
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on sm_90 only")
@@ -383,7 +394,6 @@ def test_q_tiles_with_nothing_to_compute_pass_their_turn(programs):
     """Every other q-tile has all its tiles marked already (count 0): the producer hands it over
     without a Q copy, and its rows come out as the portable kernel's (no computed key: NaN), while
     the q-tiles around it compute and mark as usual."""
-    from liteattention.kernels import triton_forward as tf
     from liteattention.plan import range_words
 
     gen = torch.Generator(device="cuda").manual_seed(2)
@@ -393,17 +403,7 @@ def test_q_tiles_with_nothing_to_compute_pass_their_turn(programs):
     do_words, skip_words = range_words(geometry, (), (), q.device)
     mask = torch.zeros(2, 3, geometry.q_tiles, geometry.k_tiles, dtype=torch.bool, device="cuda")
     mask[:, :, ::2] = True
-    results = []
-    for forward in (tf.triton_forward, functools.partial(gluon_forward, programs=programs)):
-        bits, stats = pack_bits(mask), torch.zeros(3, dtype=torch.int64, device="cuda")
-        work = tf.plan_work(bits, do_words, skip_words, geometry, stats)
-        out, lse = forward(q, k, v, geometry, scale=0.125, threshold=-1.0, bits=bits, work=work, stats=stats, return_lse=True)
-        results.append((out.float(), lse, bits, stats, work[1]))
-    (out_t, lse_t, bits_t, stats_t, counts), (out_g, lse_g, bits_g, stats_g, _) = results
-    assert (counts == 0).sum() == counts.numel() // 2 and stats_t[2] > 0
-    assert torch.equal(bits_g, bits_t) and torch.equal(stats_g, stats_t)
-    assert torch.equal(torch.isfinite(lse_g), torch.isfinite(lse_t))
-    computed = torch.isfinite(lse_t)
-    torch.testing.assert_close(lse_g[computed], lse_t[computed], atol=2e-3, rtol=0)
+    out_t, out_g, counts = assert_gluon_matches_portable(q, k, v, geometry, mask, do_words, skip_words, -1.0, programs)
+    assert (counts == 0).sum() == counts.numel() // 2
     torch.testing.assert_close(out_g, out_t, atol=2e-2, rtol=2e-2, equal_nan=True)
 
