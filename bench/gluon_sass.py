@@ -1,5 +1,6 @@
 """The Gluon kernel's step loop in SASS, on any machine (no GPU): instruction counts per 128-key
-step, and their difference against copies of the kernel from other commits, down to the order.
+step, the longest chain of dependent FMNMX (how the row max is folded), and their difference
+against copies of the kernel from other commits, down to the order.
 
     PYTHONPATH=src python bench/gluon_sass.py --head-dim 128 --mode mark [--partial] [--show]
     git show <commit>:src/liteattention/kernels/gluon_forward.py > /tmp/gluon_old.py
@@ -94,7 +95,24 @@ def register_blind(loop: list[str]) -> list[str]:
 
 
 def wgmma_positions(loop: list[str]) -> list[int]:
+    """Where the loop's HGMMA stand, as indices into its instructions."""
     return [i for i, text in enumerate(loop) if opcode(text) == "HGMMA"]
+
+
+def longest_chain(loop: list[str], op: str) -> int:
+    """The most ``op`` instructions in one pass over the loop that each read what the previous one
+    wrote: a reduction folded one value after another is as long as its values, a tree as deep
+    as its levels (the row max: FMNMX)."""
+    depth: dict[str, int] = {}  # of the chain ending in each register's last write
+    longest = 0
+    for text in loop:
+        operands = re.sub(r"^@!?U?P\w+\s+", "", text).replace(",", " ").split()[1:]
+        if not operands:
+            continue
+        sources = (re.sub(r"^[-|]+|\.reuse$|\|$", "", name) for name in operands[1:])
+        depth[operands[0]] = 1 + max(depth.get(name, 0) for name in sources) if opcode(text) == op else 0
+        longest = max(longest, depth[operands[0]])
+    return longest
 
 
 def opcode(text: str) -> str:
@@ -121,7 +139,8 @@ def main() -> None:
         if name == "current" and args.show:
             print("\n".join(loop))
         top = ", ".join(f"{op} {n}" for op, n in counts[name].most_common(12))
-        print(f"{name:>12}: step loop {len(loop)} instructions; {top}")
+        chain = longest_chain(loop, "FMNMX")
+        print(f"{name:>12}: step loop {len(loop)} instructions; {top}; longest FMNMX chain {chain}")
     for name, count in list(counts.items())[1:]:
         changed = sorted(op for op in count.keys() | counts["current"].keys() if count[op] != counts["current"][op])
         difference = ", ".join(f"{op} {count[op]} -> {counts['current'][op]}" for op in changed)

@@ -141,6 +141,16 @@ def test_sass_marking_step_loop_holds_no_verdict_store(monkeypatch, head_dim):
     assert sum(mark.values()) - sum(listed.values()) <= 13, (sum(mark.values()), sum(listed.values()))
 
 
+@pytest.mark.parametrize("head_dim, mode, chain", [(64, "list", 7), (64, "dense", 33), (128, "list", 33)])
+def test_sass_row_max_is_a_tree_only_in_the_list_loop_at_head_dim_64(monkeypatch, head_dim, mode, chain):
+    """The list build with ping-pong folds the row max as a tree: its longest chain of dependent
+    FMNMX is 7 (four halvings, the thread's two adjacent columns, and the quad's two shuffle
+    steps). The other builds keep gl.max's chain of 31 values (33), the form each measured faster
+    with (docs/performance.md, v19)."""
+    report = gluon_sass(monkeypatch, "--head-dim", str(head_dim), "--mode", mode)
+    assert f"longest FMNMX chain {chain}" in report, report
+
+
 def test_sass_comparison_finds_a_copy_of_the_kernel_the_same(monkeypatch, tmp_path: Path):
     """Against a copy of the current kernel, bench/gluon_sass.py finds the same counts and the same
     step loops instruction for instruction: what tells a change that leaves a loop alone."""

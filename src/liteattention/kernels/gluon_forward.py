@@ -365,9 +365,32 @@ def _verdict_bit(own_max, qk_scale, m, row_threshold, BIT: gl.constexpr):
 
 
 @gluon.jit
+def _row_max_tree(s, like):
+    """The max of each row of s (a wgmma accumulator, [M, N]) in like's layout, folded as a tree:
+    a thread holds columns 8c + 2l and 8c + 2l + 1 (quad lane l), so halving on the column's
+    high bits pairs a thread's own values (depth log2(N / 8) + 1, then the quad's shuffles),
+    where gl.max folds them one after another, a chain of N / 4 per row. See _tree_row_max."""
+    M: gl.constexpr = s.type.shape[0]
+    N: gl.constexpr = s.type.shape[1]
+    x = s
+    for level in gl.static_range(N.bit_length() - 4):
+        x = gl.max(gl.reshape(x, [M, 2, N // (2 << level)]), 1)
+    return gl.convert_layout(gl.max(x, 1), like.type.layout, assert_trivial=True)
+
+
+@gluon.constexpr_function
+def _tree_row_max(use_list, mark, pingpong):
+    """Whether the row max of a build without marking is folded as a tree (_row_max_tree). Only
+    the work list with ping-pong (head dim 64) takes it: that loop ran 7% faster with it, while
+    dense mode at head dim 64 was 2% slower and the list at head dim 128 5% slower, the step
+    loops' wgmma and exponentials placed elsewhere by ptxas (docs/performance.md, v19)."""
+    return use_list and pingpong and not mark
+
+
+@gluon.jit
 def _online_softmax(
     s, qk_scale, m_i, l_i, warp_bits, row_threshold, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
-    BLOCK_N: gl.constexpr,
+    BLOCK_N: gl.constexpr, TREE_MAX: gl.constexpr,
 ):
     """One step's update of the running max and sum (log2 units) from unscaled scores s; returns
     P and the output's rescale factor. The row maxima are taken before scaling and scaled once
@@ -406,6 +429,8 @@ def _online_softmax(
                 m_mid = gl.maximum(m_i, max0 * qk_scale)
             warp_bits = warp_bits | _verdict_bit(own0, qk_scale, m_i, row_threshold, 30)
             warp_bits = warp_bits | _verdict_bit(own1, qk_scale, m_mid, row_threshold, 31)
+    elif TREE_MAX:
+        m_new = gl.maximum(m_i, _row_max_tree(s, m_i) * qk_scale)
     else:
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     p = gl.exp2(s * qk_scale - m_new[:, None])
@@ -417,7 +442,7 @@ def _online_softmax(
 @gluon.jit
 def _step(
     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, keys, p_op, m_i, l_i, acc, warp_bits, zero_s, row_threshold,
-    seq_k, qk_scale, BLOCK_N: gl.constexpr, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
+    seq_k, qk_scale, BLOCK_N: gl.constexpr, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr, TREE_MAX: gl.constexpr,
     MASKED: gl.constexpr, half: gl.constexpr, PINGPONG: gl.constexpr, token,
 ):
     """Step i (> 0): its QK^T and PV of step i - 1 in flight together, then its softmax while that
@@ -431,7 +456,8 @@ def _step(
     # wgmma groups retire in order: one outstanding means QK^T of step i is done.
     s = warpgroup_mma_wait(1, deps=(s,))
     p, m_i, l_i, alpha, warp_bits = _online_softmax(
-        _masked(s, keys, seq_k, MASKED), qk_scale, m_i, l_i, warp_bits, row_threshold, MARK, ABOVE_MAX, BLOCK_N,
+        _masked(s, keys, seq_k, MASKED), qk_scale, m_i, l_i, warp_bits, row_threshold,
+        MARK, ABOVE_MAX, BLOCK_N, TREE_MAX,
     )
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
     _release(kv_empty, i - 1)
@@ -470,6 +496,7 @@ def _consume(
     STEP_N: gl.constexpr = k_bufs.type.shape[1]
     cols: gl.constexpr = gl.SliceLayout(0, zero_s.type.layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+    TREE_MAX: gl.constexpr = _tree_row_max(USE_LIST, MARK, PINGPONG)
     steps = gl.cdiv(count, STEP_N // BLOCK_N)
     # Step 0 alone: nothing to overlap its softmax with yet. Its first tile's gap is +inf (no
     # running max), so no row finds it negligible and it is never marked.
@@ -483,7 +510,7 @@ def _consume(
     token = _turn(token, half, False, PINGPONG)
     s = warpgroup_mma_wait(0, deps=(s,))
     p, m_i, l_i, alpha, warp_bits = _online_softmax(
-        _masked(s, keys, seq_k, MASK_ENDS), qk_scale, m_i, l_i, 0, row_threshold, MARK, ABOVE_MAX, BLOCK_N,
+        _masked(s, keys, seq_k, MASK_ENDS), qk_scale, m_i, l_i, 0, row_threshold, MARK, ABOVE_MAX, BLOCK_N, TREE_MAX,
     )
     p_op = gl.convert_layout(_p_operand(p, k_bufs, BLOCK_N, MARK), p_layout)
     # The loops count ring positions (base + step).
@@ -495,7 +522,7 @@ def _consume(
             for i in range(base + first, base + end):
                 p_op, m_i, l_i, acc, warp_bits, token = _step(
                     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, warp_bits, zero_s,
-                    row_threshold, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, False, half, PINGPONG, token,
+                    row_threshold, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, TREE_MAX, False, half, PINGPONG, token,
                 )
             # A step's tiles never straddle two groups: GROUP is a multiple of STEP_TILES.
             if MARK and start + GROUP_STEPS <= steps - 1:
@@ -504,7 +531,7 @@ def _consume(
         for i in range(base + 1, base + steps - 1):
             p_op, m_i, l_i, acc, warp_bits, token = _step(
                 q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, warp_bits, zero_s,
-                row_threshold, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, False, half, PINGPONG, token,
+                row_threshold, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, TREE_MAX, False, half, PINGPONG, token,
             )
     last = base + steps - 1
     if steps > 1:
@@ -512,7 +539,7 @@ def _consume(
             keys = _step_keys(entries_row, steps - 1, count, seq_k, STEP_N, BLOCK_N, USE_LIST, cols)
         p_op, m_i, l_i, acc, warp_bits, token = _step(
             q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, last, keys, p_op, m_i, l_i, acc, warp_bits, zero_s,
-            row_threshold, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, MASK_ENDS, half, PINGPONG, token,
+            row_threshold, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, TREE_MAX, MASK_ENDS, half, PINGPONG, token,
         )
     token = _turn(token, half, True, PINGPONG)
     acc = _issue_pv(p_op, v_bufs, v_ready, last, acc)
