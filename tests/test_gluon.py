@@ -145,8 +145,8 @@ def test_sass_marking_step_loop_holds_no_verdict_store(monkeypatch, head_dim):
 def test_sass_row_max_is_a_tree_only_in_the_list_loop_at_head_dim_64(monkeypatch, head_dim, mode, chain):
     """The list build with ping-pong folds the row max as a tree: its longest chain of dependent
     FMNMX is 7 (four halvings, the thread's two adjacent columns, and the quad's two shuffle
-    steps). The other builds keep gl.max's chain of 31 values (33), the form each measured faster
-    with (docs/performance.md, v19)."""
+    steps). The other builds keep gl.max's chain (31 FMNMX, 33 with the shuffle steps), the form
+    each measured faster with (docs/performance.md, v19)."""
     report = gluon_sass(monkeypatch, "--head-dim", str(head_dim), "--mode", mode)
     assert f"longest FMNMX chain {chain}" in report, report
 
