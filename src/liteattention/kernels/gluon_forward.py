@@ -480,13 +480,13 @@ def _nested_steps(use_list, mark, pingpong):
 @gluon.jit
 def _consume(
     q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, row_threshold,
-    entries_row, verdicts_row, count, base, seq_k, qk_scale, token,
+    entries_row, verdicts_row, count, steps, base, seq_k, qk_scale, token,
     BLOCK_N: gl.constexpr, USE_LIST: gl.constexpr, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
     MASK_ENDS: gl.constexpr, half: gl.constexpr, PINGPONG: gl.constexpr,
 ):
-    """Every listed tile of one q-tile, STEP_TILES per step (one softmax update and one output
-    rescale per step), from ring position ``base`` on. Returns the running max, sum and output,
-    the verdict bits not yet stored, and the ping-pong token.
+    """Every listed tile of one q-tile (count), STEP_TILES per step (``steps`` steps, one softmax
+    update and one output rescale each), from ring position ``base`` on. Returns the running
+    max, sum and output, the verdict bits not yet stored, and the ping-pong token.
 
     Only the first and the last step can hold a key to mask (MASK_ENDS): the partial last k-tile
     is visited first or last (the diagonal tile, then the rest ascending, ``plan_work``; plain
@@ -497,7 +497,6 @@ def _consume(
     cols: gl.constexpr = gl.SliceLayout(0, zero_s.type.layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
     TREE_MAX: gl.constexpr = _tree_row_max(USE_LIST, MARK, PINGPONG)
-    steps = gl.cdiv(count, STEP_N // BLOCK_N)
     # Step 0 alone: nothing to overlap its softmax with yet. Its first tile's gap is +inf (no
     # running max), so no row finds it negligible and it is never marked.
     keys = 0
@@ -592,14 +591,14 @@ def _consumer_partition(
         acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
         if count > 0:
             verdicts_row = Verdicts + tile.to(gl.int64) * (groups * VERDICT_WARPS) + half * (VERDICT_WARPS // 2)
+            steps = gl.cdiv(count, STEP_TILES)
             m_i, l_i, acc, warp_bits, token = _consume(
                 q_smem.index(slot), k_bufs, v_bufs, k_ready, v_ready, kv_empty, m_i, l_i, acc, zero_s, row_threshold,
-                Entries + tile.to(gl.int64) * k_tiles, verdicts_row, count, base, seq_k, qk_scale, token,
+                Entries + tile.to(gl.int64) * k_tiles, verdicts_row, count, steps, base, seq_k, qk_scale, token,
                 BLOCK_N, USE_LIST, MARK, ABOVE_MAX, MASK_ENDS, half, PINGPONG,
             )
             # The last group's word (the loop stores only groups that end before the last step);
             # its bits were shifted in at the top, so shift them down to start at bit 0.
-            steps = gl.cdiv(count, STEP_TILES)
             if MARK:
                 last = steps * STEP_TILES - 1
                 _store_verdict(warp_bits >> (GROUP - 1 - last % GROUP).to(gl.uint32), last // GROUP, verdicts_row)
@@ -622,7 +621,7 @@ def _consumer_partition(
         )
         if WRITE_LSE:
             lse_rows = first_row + gl.arange(0, HALF_M, layout=s_rows)
-            lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
+            lse = (m_i + gl.log2(l_i)) / LOG2E
             gl.store(Lse + (tile // q_tiles).to(gl.int64) * seq_q + lse_rows, lse, mask=lse_rows < seq_q)
         started += 1
         tile, count = _claim(claims, q_ready, started, half)
@@ -860,7 +859,7 @@ def gluon_forward(
         torch.zeros(1, dtype=torch.int32, device=q.device),  # the q-tile counter
         out.stride(0), out.stride(1), out.stride(2),
         rows, geometry.q_tiles, heads, seq_q, k.shape[1], geometry.k_tiles, groups,
-        scale * LOG2E, threshold if mark else 0.0,
+        scale * LOG2E.value, threshold if mark else 0.0,
         **_constexprs(
             head_dim, bn, tiles, stages, use_list=work is not None, mark=mark, partial_n=k.shape[1] % bn != 0,
             lse=return_lse, above_max=threshold > 0, itemsize=q.element_size(),

@@ -23,7 +23,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..state import TileGeometry
 
-LOG2E = math.log2(math.e)
+# Scores are scaled by scale * LOG2E so the online softmax uses exp2; the LSE is divided back.
+LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
 # Visited tiles whose marking verdicts are reduced across rows together (bits of one int64).
 GROUP: tl.constexpr = tl.constexpr(64)
 # Statistics written by the kernels, one int64 each: tiles computed, tiles marked before the call,
@@ -202,7 +203,7 @@ def _lite_attention_fwd(
         mask=(offs_m < seq_q)[:, None],
     )
     if WRITE_LSE:
-        lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
+        lse = (m_i + tl.math.log2(l_i)) / LOG2E
         tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
@@ -306,7 +307,7 @@ def triton_forward(
         out, lse if lse is not None else dummy, bits if mark else dummy, entries, counts, stats,
         out.stride(0), out.stride(1), out.stride(2),
         heads, seq_q, k.shape[1], geometry.k_tiles, geometry.words,
-        scale * LOG2E, threshold if mark else 0.0,
+        scale * LOG2E.value, threshold if mark else 0.0,
         HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn,
         USE_LIST=work is not None, MARK=mark, WRITE_LSE=return_lse, EVEN_N=k.shape[1] % bn == 0,
         UPCAST_DOT=q.dtype == torch.bfloat16 and not q.is_cuda,
