@@ -5,6 +5,8 @@ against copies of the kernel from other commits, down to the order.
     PYTHONPATH=src python bench/gluon_sass.py --head-dim 128 --mode mark [--partial] [--show]
     git show <commit>:src/liteattention/kernels/gluon_forward.py > /tmp/gluon_old.py
     PYTHONPATH=src python bench/gluon_sass.py /tmp/gluon_old.py --head-dim 64
+    PYTHONPATH=src python bench/gluon_sass.py --all --save loops-3.6.json     # under one Triton
+    PYTHONPATH=src python bench/gluon_sass.py --all --against loops-3.6.json  # under another
 
 The kernel is compiled for sm_90 (``compile_for_sm90``, which a copy must have: v14 on) and
 disassembled with the nvdisasm that Triton ships. The step loop is the smallest loop that issues
@@ -12,13 +14,17 @@ wgmma (``HGMMA``) and exponentials (``MUFU.EX2``): one per consumer warpgroup, t
 shorter is shown. Against a copy it also says whether the step loops are the same instruction for
 instruction (registers aside) and, if not, where each puts its wgmma: with the same counts, ptxas
 may still schedule the wgmma elsewhere, which has moved dense mode by 2-10% at head dim 64
-(docs/performance.md, v14 and v15). Fewer instructions is a prediction, not a result: a variant
+(docs/performance.md, v14 and v15). ``--save`` and ``--against`` do the same across Triton
+releases: one run saves the step loops of every build (``--all``) or of one, register-blind, and
+a run under another Triton compares its own against them. Fewer instructions is a prediction, not a result: a variant
 still has to be timed (bench/ab_gluon.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import re
 import subprocess
 import sys
@@ -90,8 +96,10 @@ def step_loops(sass: str) -> list[list[str]]:
 
 
 def register_blind(loop: list[str]) -> list[str]:
-    """The loop with register, predicate and label names blanked, to compare two builds' code."""
-    return [re.sub(r"\bU?R\d+\b|\bU?P\d\b|\.L_x_\d+", "_", text) for text in loop]
+    """The loop with register, predicate and label names and the offsets of kernel parameters in
+    the constant bank blanked, to compare two builds' code (the parameters move when an argument
+    changes size, e.g. a descriptor of another rank)."""
+    return [re.sub(r"\bU?R\d+\b|\bU?P\d\b|\.L_x_\d+|(?<=c\[0x0\]\[)0x[0-9a-f]+(?=\])", "_", text) for text in loop]
 
 
 def wgmma_positions(loop: list[str]) -> list[int]:
@@ -120,6 +128,48 @@ def opcode(text: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
 
 
+BUILD_OPTIONS = ("head_dim", "block_n", "mode", "partial", "lse")
+
+
+def builds(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """The builds to compare: the one the options name, or with ``--all`` each step loop the kernel
+    has: every head dim, tile width and mode (12 builds). A partial last tile and the LSE change
+    only the first and last steps and the epilogue, which stand outside the step loop."""
+    if not args.all:
+        return [args]
+    choices = itertools.product((64, 128), (64, 128), ("dense", "list", "mark"), (False,), (False,))
+    return [argparse.Namespace(**dict(zip(BUILD_OPTIONS, values))) for values in choices]
+
+
+def build_name(build: argparse.Namespace) -> str:
+    return "-".join(f"{name}={getattr(build, name)}" for name in BUILD_OPTIONS)
+
+
+def compare_releases(args: argparse.Namespace) -> None:
+    """Save this Triton's step loops (``--save``) or compare them with another's (``--against``)."""
+    loops = {build_name(b): sorted(map(register_blind, step_loops(disassemble(gluon_forward, b)))) for b in builds(args)}
+    if args.save:
+        args.save.write_text(json.dumps({"triton": triton.__version__, "loops": loops}))
+        print(f"saved the step loops of {len(loops)} build(s) under Triton {triton.__version__} to {args.save}")
+        return
+    saved = json.loads(args.against.read_text())
+    same = 0
+    for name, mine in loops.items():
+        theirs = saved["loops"].get(name)
+        if theirs is None:
+            print(f"{name}: not in {args.against}")
+        elif theirs == mine:
+            same += 1
+        else:
+            where = [[i for i, t in enumerate(loop) if opcode(t) == "HGMMA"] for loop in (theirs[0], mine[0])]
+            sizes = [len(theirs[0]), len(mine[0])]
+            print(f"{name}: the step loops differ: {sizes[0]} -> {sizes[1]} instructions, HGMMA at {where[0]} -> {where[1]}")
+    print(
+        f"Triton {saved['triton']} -> {triton.__version__}: {same} of {len(loops)} build(s) have the same step loops, "
+        "instruction for instruction (registers aside)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("baselines", nargs="*", type=Path, help="copies of gluon_forward.py to compare against")
@@ -129,7 +179,16 @@ def main() -> None:
     parser.add_argument("--partial", action="store_true", help="seq_k not a multiple of block_n (masks the ends)")
     parser.add_argument("--lse", action="store_true", help="the variant that also writes the LSE")
     parser.add_argument("--show", action="store_true", help="print the current kernel's step loop")
+    parser.add_argument("--all", action="store_true", help="with --save or --against: every build, not the one named")
+    releases = parser.add_mutually_exclusive_group()
+    releases.add_argument("--save", type=Path, help="write this Triton's step loops to a JSON file")
+    releases.add_argument("--against", type=Path, help="compare the step loops with a file --save wrote under another Triton")
     args = parser.parse_args()
+    if args.save or args.against:
+        if args.baselines:
+            parser.error("--save and --against compare across Triton releases, not against copies")
+        compare_releases(args)
+        return
     versions = {"current": gluon_forward} | {path.stem: load_version(path) for path in args.baselines}
     counts, loops = {}, {}
     for name, module in versions.items():
