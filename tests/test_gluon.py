@@ -16,8 +16,10 @@ import torch
 import triton
 
 from conftest import DEVICE, REPO, compiler_env
+from liteattention import kernels
+from liteattention.kernels import WorkList, choose_kernel
 from liteattention.kernels import gluon_forward as gf
-from liteattention.kernels.gluon_forward import GROUP, VERDICT_WARPS, _apply_verdicts, gluon_forward, gluon_supported
+from liteattention.kernels.gluon_forward import GROUP, VERDICT_WARPS, _apply_verdicts, gluon_forward
 from liteattention.state import TileGeometry, pack_bits
 
 COMPILE = """
@@ -200,8 +202,28 @@ def test_apply_verdicts_marks_tiles_negligible_for_every_warp():
 
 
 def test_gluon_kernel_not_chosen_for_cpu_tensors():
-    q = torch.zeros(1, 128, 1, 128)
-    assert not gluon_supported(q, TileGeometry(128, 128, 128, 64), 128)
+    choice = choose_kernel(torch.device("cpu"), TileGeometry(128, 128, 128, 64), 128)
+    assert choice == kernels.KernelChoice("portable", "cpu tensors: the Gluon kernel runs on CUDA GPUs only")
+
+
+@pytest.mark.parametrize(
+    "block_m, block_n, head_dim, reason",
+    [
+        (64, 64, 128, "block_m=64: it takes 128-row q-tiles"),
+        (128, 32, 128, "block_n=32: it takes 64- or 128-key k-tiles"),
+        (128, 64, 256, "head dim padded to 256: it takes head dims 33 to 128 (padded to 64 or 128)"),
+        (128, 64, 32, "head dim padded to 32: it takes head dims 33 to 128 (padded to 64 or 128)"),
+        (128, 128, 64, None),
+    ],
+)
+def test_gluon_kernel_names_the_tile_shapes_it_does_not_take(block_m, block_n, head_dim, reason):
+    assert gf.unsupported_shape(TileGeometry(256, 256, block_m, block_n), head_dim) == reason
+
+
+def test_forcing_the_gluon_kernel_where_it_cannot_run_says_why():
+    q = torch.zeros(1, 128, 1, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="kernel='gluon' cannot run this call: cpu tensors"):
+        kernels.forward(q, q, q, TileGeometry(128, 128, 128, 64), scale=1.0, threshold=-10.0, bits=None, kernel="gluon")
 
 
 def test_ring_depths_fit_shared_memory():
@@ -252,7 +274,7 @@ def test_launch_options(monkeypatch, head_dim, seq_k, block_n, expected):
     assert options == {
         **expected, "USE_LIST": False, "MARK": False, "ABOVE_MAX": False, "WRITE_LSE": False, **gf.LAUNCH_OPTIONS,
     }
-    assert gf.LAUNCH_OPTIONS == {"num_warps": 4, "maxnreg": 168}
+    assert gf.LAUNCH_OPTIONS == {"num_warps": 4, "maxnreg": 168, "enable_fp_fusion": True}
 
 
 @pytest.mark.parametrize("programs, grid", [(None, 132), (3, 3), (1000, 320)])
@@ -302,7 +324,7 @@ def test_positive_threshold_selects_marking_above_the_running_max(monkeypatch, t
     q = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16)
     rows = 2 * geometry.q_tiles
     bits = torch.zeros(1, 2, geometry.q_tiles, geometry.words, dtype=torch.int32)
-    work = (torch.zeros(rows, geometry.k_tiles, dtype=torch.int32), torch.zeros(rows, dtype=torch.int32))
+    work = WorkList(torch.zeros(rows, geometry.k_tiles, dtype=torch.int32), torch.zeros(rows, dtype=torch.int32))
     gluon_forward(
         q, q, q, geometry, scale=1.0, threshold=threshold, bits=bits, work=work,
         stats=torch.zeros(3, dtype=torch.int64), return_lse=False,
@@ -334,9 +356,7 @@ def test_gluon_matches_portable_kernel(programs, block_n, head_dim, seq_q, seq_k
     """Output, LSE, marks and statistics of the Gluon kernel equal the portable kernel's (which the
     semantics tests hold to the reference) on the cases those tests reach only at small tiles; with
     3 persistent programs, each takes several q-tiles in turn (the K/V ring, the Q buffers and the
-    ping-pong turns run on from one to the next, past q-tiles with nothing to compute)."""
-    from liteattention.plan import range_words
-
+    ping-pong turns run on from one to the next)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     batch, heads = 2, 3
     q = 2 * torch.randn(batch, seq_q, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -346,27 +366,24 @@ def test_gluon_matches_portable_kernel(programs, block_n, head_dim, seq_q, seq_k
     # strong tile was visited first.
     k[:, seq_k // 2 :] *= 0.05
     geometry = TileGeometry(seq_q, seq_k, 128, block_n)
-    do_words, skip_words = range_words(geometry, must_do, must_skip, q.device)
     mask = torch.rand(batch, heads, geometry.q_tiles, geometry.k_tiles, device="cuda", generator=gen) < marked
-    assert_gluon_matches_portable(q, k, v, geometry, mask, do_words, skip_words, threshold, programs)
-
-
-def assert_gluon_matches_portable(q, k, v, geometry, mask, do_words, skip_words, threshold, programs):
-    """Both kernels from the same marked tiles (mask) with marking on: the same marks and
-    statistics, which include new marks, and the same LSE and output in the rows with a computed
-    key (NaN in both elsewhere). Returns both outputs and the work list's counts."""
-    from liteattention.kernels import triton_forward as tf
-
+    tuning = {} if programs is None else {"programs": programs}
     results = []
-    for forward in (tf.triton_forward, functools.partial(gluon_forward, programs=programs)):
-        bits, stats = pack_bits(mask), torch.zeros(3, dtype=torch.int64, device="cuda")
-        work = tf.plan_work(bits, do_words, skip_words, geometry, stats)
-        out, lse = forward(
-            q, k, v, geometry, scale=q.shape[-1] ** -0.5, threshold=threshold, bits=bits, work=work, stats=stats,
-            return_lse=True,
+    for kernel, options in (("portable", {}), ("gluon", tuning)):
+        bits = pack_bits(mask)
+        out, lse, stats = kernels.forward(
+            q, k, v, geometry, scale=head_dim**-0.5, threshold=threshold, bits=bits, must_do=must_do,
+            must_skip=must_skip, return_lse=True, kernel=kernel, **options,
         )
-        results.append((out.float(), lse, bits, stats, work[1]))
-    (out_t, lse_t, bits_t, stats_t, counts), (out_g, lse_g, bits_g, stats_g, _) = results
+        results.append((out.float(), lse, bits, stats))
+    assert_same_results(*results)
+
+
+def assert_same_results(portable, gluon):
+    """The two kernels' (output, LSE, marks, statistics) from the same marked tiles with marking
+    on: the same marks and statistics, which include new marks, and the same LSE and output in
+    the rows with a computed key (NaN in both elsewhere)."""
+    (out_t, lse_t, bits_t, stats_t), (out_g, lse_g, bits_g, stats_g) = portable, gluon
     assert torch.equal(bits_g, bits_t) and torch.equal(stats_g, stats_t)
     assert stats_t[2] > 0  # the case does mark (checked with the portable kernel on the CPU)
     computed = torch.isfinite(lse_t)  # rows with no computed key are NaN in both
@@ -374,7 +391,6 @@ def assert_gluon_matches_portable(q, k, v, geometry, mask, do_words, skip_words,
     torch.testing.assert_close(lse_g[computed], lse_t[computed], atol=2e-3, rtol=0)
     rows = computed.transpose(1, 2)  # (B, Sq, H), like the output's leading dims
     torch.testing.assert_close(out_g[rows], out_t[rows], atol=2e-2, rtol=2e-2)
-    return out_t, out_g, counts
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on sm_90 only")
@@ -401,19 +417,28 @@ def test_persistent_programs_change_no_bit_of_dense_mode(block_n, head_dim):
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on sm_90 only")
 @pytest.mark.parametrize("programs", [None, 3], ids=["program-per-sm", "3-programs"])
 def test_q_tiles_with_nothing_to_compute_pass_their_turn(programs):
-    """Every other q-tile has all its tiles marked already (count 0): the producer hands it over
-    without a Q copy, and its rows come out as the portable kernel's (no computed key: NaN), while
-    the q-tiles around it compute and mark as usual."""
+    """Every other q-tile's work list is emptied (count 0, which plan_work never lists, since the
+    anchor tile is always computed, but the kernels take): the producer hands it over without a
+    Q copy, and its rows come out as the portable kernel's (no computed key: NaN), while the
+    q-tiles around it compute and mark as usual. Wired by hand: the front door cannot make it."""
+    from liteattention.kernels import plan_work, triton_forward
     from liteattention.plan import range_words
 
     gen = torch.Generator(device="cuda").manual_seed(2)
     q, k, v = (torch.randn(2, 1000, 3, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
     k[:, 500:] *= 0.05
     geometry = TileGeometry(1000, 1000, 128, 64)
-    do_words, skip_words = range_words(geometry, (), (), q.device)
-    mask = torch.zeros(2, 3, geometry.q_tiles, geometry.k_tiles, dtype=torch.bool, device="cuda")
-    mask[:, :, ::2] = True
-    out_t, out_g, counts = assert_gluon_matches_portable(q, k, v, geometry, mask, do_words, skip_words, -1.0, programs)
-    assert (counts == 0).sum() == counts.numel() // 2
-    torch.testing.assert_close(out_g, out_t, atol=2e-2, rtol=2e-2, equal_nan=True)
+    results = []
+    for forward in (triton_forward.triton_forward, functools.partial(gluon_forward, programs=programs)):
+        bits = torch.zeros(2, 3, geometry.q_tiles, geometry.words, dtype=torch.int32, device="cuda")
+        stats = torch.zeros(3, dtype=torch.int64, device="cuda")
+        work = plan_work(bits, *range_words(geometry, (), (), q.device), geometry, stats)
+        work.counts[:, :, ::2] = 0
+        out, lse = forward(
+            q, k, v, geometry, scale=0.125, threshold=-1.0, bits=bits, work=work, stats=stats, return_lse=True,
+        )
+        results.append((out.float(), lse, bits, stats))
+    assert_same_results(*results)
+    assert torch.isnan(results[1][0][:, :128]).all()  # q-tile 0 of every head computed nothing
+    torch.testing.assert_close(results[1][0], results[0][0], atol=2e-2, rtol=2e-2, equal_nan=True)
 

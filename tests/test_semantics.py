@@ -201,6 +201,60 @@ def test_must_do_over_whole_axis_skips_nothing(backend, dtype):
     check_close(out, lse, q, k, v, dtype)
 
 
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+@pytest.mark.parametrize("block_n, head_dim", [(64, 64), (128, 128)])
+def test_a_non_finite_value_stays_in_its_batch_element(backend, dtype, block_n, head_dim):
+    """inf or NaN in one batch element's q, k or v changes no other (batch, head)'s output, LSE
+    or marks, bit for bit: a partial last tile never reads the next batch element's rows (where
+    a weight of 0 times inf would be NaN). Default q-tiles of 128 rows, so on a Hopper GPU this is
+    the Gluon kernel."""
+    device = device_for(backend)
+    batch, seq, heads = 3, 100, 2
+    clean = [randn(batch, seq, heads, head_dim, dtype=dtype, device=device) for _ in range(3)]
+    results = []
+    for poison in (None, "q", "k", "v"):
+        q, k, v = (t.clone() for t in clean)
+        if poison is not None:
+            {"q": q, "k": k, "v": v}[poison][1, 0, 0] = float("inf") if poison != "q" else float("nan")
+        state = SkipState.for_inputs(q, k, block_n=block_n)
+        calls = [lite_attention(q, k, v, state, threshold=-3.0, return_lse=True, backend=backend) for _ in range(2)]
+        results.append((calls, state.mask()))
+    others = torch.ones(batch, heads, dtype=torch.bool)
+    others[1, 0] = False  # the poisoned (batch, head)
+    (clean_calls, clean_mask), *poisoned = results
+    for calls, mask in poisoned:
+        assert torch.equal(mask[others], clean_mask[others])
+        for (out, lse), (clean_out, clean_lse) in zip(calls, clean_calls):
+            assert torch.equal(out.transpose(1, 2)[others], clean_out.transpose(1, 2)[others])
+            assert torch.equal(lse[others], clean_lse[others])
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
+def test_the_anchor_tile_keeps_every_row_attending(backend, dtype):
+    """Marks made under one must-skip range can cover every tile that another call leaves: here
+    q-tile 0 marks k-tile 2 while k-tile 0 is must-skip, then k-tile 1 once k-tile 0 is back. Its
+    anchor, the first tile in visit order that is not must-skip (k-tile 1 when k-tile 0 is), is
+    computed anyway, so no row loses every key (they were NaN, with an LSE of -inf)."""
+    device = device_for(backend)
+    seq, dim, block = 48, 16, 16
+    q, k, v = 0.1 * torch.randn(1, seq, 1, dim), 0.1 * torch.randn(1, seq, 1, dim), torch.randn(1, seq, 1, dim)
+    q[..., 0] = 1.0
+    # Scores of 20, 10 and 0 nats on k-tiles 0, 1 and 2: each 14 log2 units below the one before.
+    k[0, :, 0, 0] = torch.tensor([20.0, 10.0, 0.0]).repeat_interleave(block) / dim**-0.5
+    q, k, v = (t.to(dtype=dtype, device=device) for t in (q, k, v))
+    state = SkipState.for_inputs(q, k, block, block)
+    for must_skip in [(0, 16), None, (0, 16)]:
+        out, lse = lite_attention(q, k, v, state, threshold=-2.0, must_skip=must_skip, return_lse=True, backend=backend)
+    assert state.mask()[0, 0, 0].tolist() == [False, True, True]  # q-tile 0's k-tiles 1 and 2 are marked
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    # Each q-tile computes its anchor alone: k-tile 1 for q-tiles 0 and 1, its diagonal tile 2 for
+    # q-tile 2 (whose k-tile 1 is marked).
+    computed = torch.tensor([[0, 1, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    key_mask = expand_tile_mask(computed[None, None], block, block, seq, seq)
+    check_close(out, lse, q, k, v, dtype, key_mask=key_mask)
+    assert state.last_stats.computed_tiles == 3
+
+
 def test_visit_order_is_diagonal_first_then_ascending():
     g = TileGeometry(seq_q=100, seq_k=300, block_m=32, block_n=64)
     order = visit_order(g, torch.device("cpu"))
@@ -262,7 +316,7 @@ def test_state_memory_is_bit_packed():
 @pytest.mark.parametrize("seq_q,seq_k", [(100, 300), (300, 100), (96, 96)])
 def test_triton_work_planner_matches_plan(seq_q, seq_k):
     """The GPU planner lists exactly the plan's computed tiles, in visit order, must-do flagged."""
-    from liteattention.kernels.triton_forward import STATS, plan_work
+    from liteattention.kernels import STATS, plan_work
     from liteattention.plan import build_plan, range_words
 
     b, h = 2, 3
@@ -273,8 +327,8 @@ def test_triton_work_planner_matches_plan(seq_q, seq_k):
     state = SkipState(b, h, seq_q, seq_k, 32, dtype=torch.float16, device=DEVICE, block_m=16, block_n=16)
     state.set_mask(mask)
     stats = torch.zeros(STATS, dtype=torch.int64, device=DEVICE)
-    entries, counts = plan_work(state.bits, *range_words(g, must_do, must_skip, torch.device(DEVICE)), g, stats)
-    entries, counts = entries.cpu(), counts.cpu()
+    work = plan_work(state.bits, *range_words(g, must_do, must_skip, torch.device(DEVICE)), g, stats)
+    entries, counts = work.entries.cpu(), work.counts.cpu()
     for bi in range(b):
         for hi in range(h):
             for i in range(g.q_tiles):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
@@ -10,7 +9,7 @@ from typing import Literal, Union, overload
 
 import torch
 
-from .plan import RangesLike, build_plan, normalize_ranges, range_words
+from .plan import RangesLike, build_plan, normalize_ranges
 from .reference import reference_forward
 from .schedule import ThresholdLike, ThresholdSchedule, check_threshold
 from .state import CallStats, SkipState, TileGeometry, check_block_sizes, default_block_sizes, pack_bits
@@ -143,53 +142,14 @@ def _reference_call(q, k, v, state, geometry, scale, threshold, must_do, must_sk
     return out, lse, stats
 
 
-def _kernel_layout(t: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """t (B, S, H, D) as the kernel's TMA descriptors address it: D zero-padded to ``head_dim``
-    (zeros change no dot product), each batch element contiguous in (S, H, D) with a row stride
-    (a q/k/v slice of a fused projection qualifies), 16-byte aligned. Copies only when needed."""
-    if t.shape[3] != head_dim:
-        return torch.nn.functional.pad(t, (0, head_dim - t.shape[3]))
-    batch, seq, heads, _ = t.shape
-    step = 16 // t.element_size()
-    addressable = (
-        t.stride(3) == 1 and t.stride(2) == head_dim and t.stride(1) % step == 0
-        and t.stride(0) == seq * t.stride(1) and t.data_ptr() % 16 == 0
-    )
-    return t if addressable else t.contiguous()
-
-
-@functools.cache
-def _gluon_kernels():
-    """The sm_90 Gluon kernel module, or None where this Triton lacks the experimental Gluon API
-    it is written against (then the portable kernel runs everywhere)."""
-    try:
-        from .kernels import gluon_forward
-    except ImportError:
-        return None
-    return gluon_forward
-
-
 def _triton_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, return_lse):
-    from .kernels.triton_forward import STATS, plan_work, triton_forward
+    from . import kernels  # imports Triton: only for calls that run a kernel
 
-    batch, _, heads, head_dim = q.shape
-    kernel_dim = max(16, 1 << (head_dim - 1).bit_length())
-    q, k, v = (_kernel_layout(t, kernel_dim) for t in (q, k, v))
-    stats = torch.zeros(STATS, dtype=torch.int64, device=q.device)
-    work = None
-    if state is not None or must_skip:
-        bits = state.bits if state is not None else torch.zeros(batch, heads, geometry.q_tiles, geometry.words, dtype=torch.int32, device=q.device)
-        do_words, skip_words = range_words(geometry, must_do, must_skip, q.device)
-        work = plan_work(bits, do_words, skip_words, geometry, stats)
-    gluon = _gluon_kernels()
-    forward = gluon.gluon_forward if gluon is not None and gluon.gluon_supported(q, geometry, kernel_dim) else triton_forward
-    out, lse = forward(
-        q, k, v, geometry, scale=scale, threshold=threshold,
-        bits=state.bits if state is not None else None, work=work, stats=stats, return_lse=return_lse,
+    bits = state.bits if state is not None else None
+    return kernels.forward(
+        q, k, v, geometry, scale=scale, threshold=threshold, bits=bits, must_do=must_do, must_skip=must_skip,
+        return_lse=return_lse,
     )
-    if kernel_dim != head_dim:
-        out = out[..., :head_dim].contiguous()
-    return out, lse, stats
 
 
 class LiteAttention:

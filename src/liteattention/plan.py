@@ -68,6 +68,16 @@ def visit_order(geometry: TileGeometry, device: torch.device) -> torch.Tensor:
     return torch.where(pos == 0, diag, torch.where(pos <= diag, pos - 1, pos))
 
 
+def anchor_tiles(order: torch.Tensor, must_skip: torch.Tensor) -> torch.Tensor:
+    """Bool (Qt, Kt): each q-tile's anchor, the first k-tile of its visit order that is not
+    must-skip. It is computed even where the mask marks it (a mask made under other must-skip
+    ranges can mark every tile a call leaves), so no row is left without keys; being the first
+    tile visited, it is never marked."""
+    first = (~must_skip[order]).int().argmax(1, keepdim=True)  # argmax: the first True
+    anchors = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
+    return anchors.scatter_(1, order.gather(1, first), True)
+
+
 @dataclass
 class TilePlan:
     """What one call computes.
@@ -114,14 +124,15 @@ def build_plan(
 ) -> TilePlan:
     """Combine the skip mask (bool (B, H, Qt, Kt) or None) with the must-do / must-skip ranges."""
     do, skip = (flags.to(device) for flags in range_flags(geometry, must_do, must_skip))
+    order = visit_order(geometry, device)
     computed = None
     if mask is not None or must_skip:
         computed = torch.ones(batch, heads, geometry.q_tiles, geometry.k_tiles, dtype=torch.bool, device=device)
         if mask is not None:
             computed &= ~mask
         computed &= ~skip
-        computed |= do
-    return TilePlan(geometry, computed, ~do, visit_order(geometry, device))
+        computed |= do | anchor_tiles(order, skip)
+    return TilePlan(geometry, computed, ~do, order)
 
 
 @functools.lru_cache(maxsize=64)

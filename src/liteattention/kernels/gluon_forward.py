@@ -34,7 +34,6 @@ memory, no barrier, no atomics, no waiting on memory inside the loop);
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -44,14 +43,15 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..state import TileGeometry
-from .triton_forward import LOG2E, _and, _mark_word, launch_buffers
+from .common import LOG2E, launch_buffers
+from .triton_compat import thread_barrier, tma_load
+from .worklist import WorkList, and_combine, mark_word
 
 # Rows of the q-tile per consumer warpgroup (one wgmma M extent); the q-tile has two halves.
 HALF_M: gl.constexpr = gl.constexpr(64)
@@ -82,16 +82,34 @@ def _visited_tile(entries_row, pos, USE_LIST: gl.constexpr):
         return pos
 
 
+@gluon.constexpr_function
+def _tile_layout(desc_layout):
+    """The 2-D shared layout of a tile that a (1, rows, cols) descriptor copies: the same bytes."""
+    return gl.NVMMASharedLayout(
+        swizzle_byte_width=desc_layout.swizzle_byte_width, element_bitwidth=desc_layout.element_bitwidth, rank=2,
+    )
+
+
 @gluon.jit
-def _copy_step(desc, buf, ready, entries_row, i, count, row0, col, USE_LIST: gl.constexpr):
+def _copy_tile(desc, b, row, col, ready, buf, start: gl.constexpr = 0, pred=True):
+    """TMA copy of the tile at rows row.. of batch element b (columns col..) into rows start.. of
+    the 2-D buffer ``buf``, arriving on ready. The descriptor is (B, S, H * D): rows past S are
+    zero-filled, never read from the next batch element (whose non-finite values would turn into
+    NaN here, as 0 * inf)."""
+    ROWS: gl.constexpr = desc.block_type.shape[1]
+    tma_load(desc, [b, row, col], ready, buf.reshape([1] + buf.type.shape).slice(start, ROWS, 1), pred=pred)
+
+
+@gluon.jit
+def _copy_step(desc, buf, ready, entries_row, i, count, b, col, USE_LIST: gl.constexpr):
     """TMA copies of step i's k-tiles (rows of desc) into one ring buffer, arriving on ready. A
     last step with one tile (count odd) fills its empty half with that tile again: finite keys,
     which the consumers mask out."""
-    BLOCK_N: gl.constexpr = desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = desc.block_type.shape[1]
     STEP_TILES: gl.constexpr = buf.type.shape[0] // BLOCK_N
     for t in gl.static_range(STEP_TILES):
         kt = _visited_tile(entries_row, gl.minimum(i * STEP_TILES + t, count - 1), USE_LIST)
-        tma.async_copy_global_to_shared(desc, [row0 + kt * BLOCK_N, col], ready, buf.slice(t * BLOCK_N, BLOCK_N))
+        _copy_tile(desc, b, kt * BLOCK_N, col, ready, buf, t * BLOCK_N)
 
 
 @gluon.jit
@@ -117,7 +135,7 @@ def _hand_over(q_desc, q_smem, q_ready, q_empty, claims, started, tile, count, s
     Q halves are copied in (no copy for a count of 0, or for a tile past the rows, which tells the
     consumers to stop). The claim is written before the arrivals on q_ready, whose release makes
     it visible to the consumers that wait on them."""
-    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
     Q_BUFS: gl.constexpr = q_smem.type.shape[0] // 2
     slot = started % Q_BUFS
     for half in gl.static_range(2):
@@ -131,10 +149,7 @@ def _hand_over(q_desc, q_smem, q_ready, q_empty, claims, started, tile, count, s
         ready = q_ready.index(2 * slot + half)
         mbarrier.expect(ready, q_desc.block_type.nbytes, pred=count > 0)
         mbarrier.arrive(ready, pred=count == 0)
-        tma.async_copy_global_to_shared(
-            q_desc, [b * seq_q + q_row0 + half * HALF_M, h * HEAD_DIM], ready, q_smem.index(2 * slot + half),
-            pred=count > 0,
-        )
+        _copy_tile(q_desc, b, q_row0 + half * HALF_M, h * HEAD_DIM, ready, q_smem.index(2 * slot + half), pred=count > 0)
 
 
 @gluon.jit
@@ -160,8 +175,8 @@ def _load_partition(
     and V of each step's listed tiles into the ring (one or two tiles per buffer). The ring and
     the Q buffers run on across q-tiles, so the next q-tile's first copies go out while the
     consumers still work on the previous one."""
-    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
     STAGES: gl.constexpr = k_bufs.type.shape[0]
     STEP_TILES: gl.constexpr = k_bufs.type.shape[1] // BLOCK_N
     base = 0  # steps copied for earlier q-tiles: the ring position
@@ -184,8 +199,8 @@ def _load_partition(
             mbarrier.expect(k_ready.index(stage), STEP_TILES * k_desc.block_type.nbytes)
             mbarrier.expect(v_ready.index(stage), STEP_TILES * v_desc.block_type.nbytes)
             # All of the step's K goes before its V.
-            _copy_step(k_desc, k_bufs.index(stage), k_ready.index(stage), entries_row, i, count, b * seq_k, h * HEAD_DIM, USE_LIST)
-            _copy_step(v_desc, v_bufs.index(stage), v_ready.index(stage), entries_row, i, count, b * seq_k, h * HEAD_DIM, USE_LIST)
+            _copy_step(k_desc, k_bufs.index(stage), k_ready.index(stage), entries_row, i, count, b, h * HEAD_DIM, USE_LIST)
+            _copy_step(v_desc, v_bufs.index(stage), v_ready.index(stage), entries_row, i, count, b, h * HEAD_DIM, USE_LIST)
         base += steps
         started += 1
         tile = next_tile
@@ -244,8 +259,8 @@ def _apply_verdicts(
     count = tl.load(Counts + row)
     newly = tl.zeros([], dtype=tl.int64)
     for group in range(0, tl.cdiv(count, GROUP_SIZE)):
-        word = tl.reduce(tl.load(Verdicts + (row * groups + group) * WARPS + tl.arange(0, WARPS)), 0, _and)
-        newly += _mark_word(word, group * GROUP_SIZE, count, Entries + row * k_tiles, Bits + row * words, GROUP_SIZE)
+        word = tl.reduce(tl.load(Verdicts + (row * groups + group) * WARPS + tl.arange(0, WARPS)), 0, and_combine)
+        newly += mark_word(word, group * GROUP_SIZE, count, Entries + row * k_tiles, Bits + row * words, GROUP_SIZE)
     tl.atomic_add(Stats + 2, newly)
 
 
@@ -321,7 +336,7 @@ def _release(kv_empty, i):
     """Hand the buffers of step i back to the producer, once every warp of this warpgroup is past
     the wgmma that read them."""
     STAGES: gl.constexpr = kv_empty.type.shape[0]
-    gl.thread_barrier()
+    thread_barrier()
     mbarrier.arrive(kv_empty.index(i % STAGES), count=1)
 
 
@@ -605,7 +620,7 @@ def _consumer_partition(
             base += steps
         # The claim and Q are free for the producer's next hand-over once every warp is past its
         # last wgmma and has read the claim.
-        gl.thread_barrier()
+        thread_barrier()
         mbarrier.arrive(q_empty.index(slot), count=1)
 
         out = acc / gl.convert_layout(l_i, o_rows)[:, None]
@@ -643,13 +658,13 @@ def _gluon_attention_fwd(
     none is left, so one q-tile's loads and first steps go under the previous one's last steps
     and output store, instead of each q-tile paying its own launch, Q load and pipeline fill.
     Next: a zeroed counter of the q-tiles claimed after each program's first."""
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[2]
     # Q_BUFS pairs of halves: with two, the next q-tile's Q loads while this one's is in use.
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * Q_BUFS] + q_desc.block_type.shape, q_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2 * Q_BUFS, HALF_M, HEAD_DIM], _tile_layout(q_desc.layout))
     # A ring buffer holds one step: STEP_TILES k-tiles, one TMA copy each.
-    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, STEP_TILES * BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, STEP_TILES * BLOCK_N, HEAD_DIM], v_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, STEP_TILES * BLOCK_N, HEAD_DIM], _tile_layout(k_desc.layout))
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, STEP_TILES * BLOCK_N, HEAD_DIM], _tile_layout(v_desc.layout))
     q_ready = gl.allocate_shared_memory(gl.int64, [2 * Q_BUFS, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2 * Q_BUFS, 1], mbarrier.MBarrierLayout())
     # Per Q buffer, the q-tile whose Q it holds and that q-tile's count.
@@ -729,26 +744,23 @@ def pingpong(head_dim: int) -> bool:
     return head_dim == 64
 
 
-def gluon_supported(q: torch.Tensor, geometry: TileGeometry, head_dim: int) -> bool:
-    """Whether the Gluon kernel runs this call: on sm_90, for the tile shapes and (padded) head
-    dims where it measured faster than the portable kernel (docs/performance.md): 128-row q-tiles
-    with 64- or 128-key k-tiles at head dims 64 and 128. LITEATTENTION_GLUON=0 in the environment
-    keeps every call on the portable kernel, as does a Triton other than 3.6 (Gluon is
-    experimental and its API changes between releases)."""
-    return (
-        os.environ.get("LITEATTENTION_GLUON", "1") != "0"
-        and triton.__version__.startswith("3.6.")
-        and q.is_cuda
-        and torch.cuda.get_device_capability(q.device) == (9, 0)
-        and geometry.block_m == 2 * HALF_M.value
-        and geometry.block_n in (64, 128)
-        and head_dim in (64, 128)
-    )
+def unsupported_shape(geometry: TileGeometry, head_dim: int) -> str | None:
+    """Why the Gluon kernel does not take this tile shape and (padded) head dim, or None if it
+    does: it runs 128-row q-tiles with 64- or 128-key k-tiles at head dims 64 and 128, where it
+    measured faster than the portable kernel (docs/performance.md)."""
+    if geometry.block_m != 2 * HALF_M.value:
+        return f"block_m={geometry.block_m}: it takes 128-row q-tiles"
+    if geometry.block_n not in (64, 128):
+        return f"block_n={geometry.block_n}: it takes 64- or 128-key k-tiles"
+    if head_dim not in (64, 128):
+        return f"head dim padded to {head_dim}: it takes head dims 33 to 128 (padded to 64 or 128)"
+    return None
 
 
 # 4 + 4 + 1 warps occupy three warpgroups: 12 x 32 threads x 168 registers fit the 64K register
-# file; the producer then gives its registers up to the two consumers.
-LAUNCH_OPTIONS = {"num_warps": 4, "maxnreg": 168}
+# file; the producer then gives its registers up to the two consumers. FP fusion (FMA) stated,
+# not defaulted: the scale folds into the exponent's FFMA, and Triton 3.10 turns the default off.
+LAUNCH_OPTIONS = {"num_warps": 4, "maxnreg": 168, "enable_fp_fusion": True}
 
 
 def _constexprs(
@@ -776,8 +788,8 @@ def compile_for_sm90(
     from triton.experimental.gluon._runtime import GluonASTSource
 
     def desc(rows: int) -> str:
-        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
-        return f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
+        layout = gl.NVMMASharedLayout.get_default_for([1, rows, head_dim], gl.bfloat16)
+        return f"tensordesc<bf16[1,{rows},{head_dim}],{layout!r}>"
 
     signature = {
         "q_desc": desc(HALF_M.value), "k_desc": desc(block_n), "v_desc": desc(block_n), "Out": "*bf16",
@@ -802,11 +814,12 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    """2-D TMA descriptor over (B * S, H * D); t must be contiguous in (S, H, D) per batch element."""
+    """3-D TMA descriptor over (B, S, H * D), tiles of (1, rows, D): rows past S are zero-filled,
+    so a partial last tile never reads the next batch element. t's (H, D) must be contiguous."""
     batch, seq, heads, head_dim = t.shape
-    block = [rows, head_dim]
+    block = [1, rows, head_dim]
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
-    return TensorDescriptor(t, [batch * seq, heads * head_dim], [t.stride(1), 1], block, layout)
+    return TensorDescriptor(t, [batch, seq, heads * head_dim], [t.stride(0), t.stride(1), 1], block, layout)
 
 
 def gluon_forward(
@@ -818,7 +831,7 @@ def gluon_forward(
     scale: float,
     threshold: float,
     bits: torch.Tensor | None,
-    work: tuple[torch.Tensor, torch.Tensor] | None,
+    work: WorkList | None,
     stats: torch.Tensor,
     return_lse: bool,
     stages: int | None = None,

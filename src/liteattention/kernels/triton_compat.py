@@ -1,0 +1,24 @@
+"""The differences between the Triton releases the kernels support (3.6 to 3.9), in one place.
+
+Gluon, Triton's lower-level dialect that the sm_90 kernel is written in, is experimental: names
+move between releases. Everything a kernel needs that differs by release is resolved here once,
+at import, so the kernels themselves read the same on every release.
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import tma
+
+TRITON_VERSION: tuple[int, int] = tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+# Oldest and newest Triton releases the Gluon kernel is compiled and tested with.
+GLUON_TESTED = ((3, 6), (3, 9))
+
+# A barrier over the threads of one partition: `thread_barrier` in 3.6, `barrier` from 3.7 on.
+thread_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
+# A TMA copy from global to shared memory: `async_copy_global_to_shared` up to 3.7, `async_load`
+# from 3.8 on (3.9 keeps the old name only to raise).
+tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
