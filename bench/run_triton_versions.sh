@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The kernels under two Triton releases on one GPU: the machine's (3.6 on the H200 and H100 used
+# here) and a newer one unpacked by bench/triton_unpack.sh. Each phase fits one 10-minute call.
+#   OUT=results bash bench/run_triton_versions.sh tests [TRITON_DIR]  # kernel tests (FULL=1 adds full size)
+#   OUT=results bash bench/run_triton_versions.sh bench TRITON_DIR    # benchmark under each release, back to back
+#   OUT=results OLD=path/src bash bench/run_triton_versions.sh ab     # this tree against an older one, same Triton
+# Ratios (dense / cuDNN, first step / dense, s / dense, Flex / ours) are taken within one process
+# each; the two processes run back to back on the same GPU.
+set -u
+phase=${1:?phase: tests, bench or ab}
+triton_dir=${2:-}
+OUT=${OUT:-triton-results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+src="$PWD/src"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee -a "$OUT/gpu.log"
+case "$phase" in
+tests)
+    runner=(env PYTHONPATH="$src"); [ -n "$triton_dir" ] && runner=(env PYTHONPATH="$triton_dir:$src")
+    "${runner[@]}" python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/tests.log"
+    "${runner[@]}" timeout 500 python3 -m pytest tests/test_semantics.py tests/test_gluon.py -q -p no:cacheprovider \
+        -k "(triton or gluon or non_finite or anchor) and not compiles and not sass" 2>&1 | tail -15 | tee -a "$OUT/tests.log"
+    ;;
+bench)
+    for label in machine carried; do
+        runner=(env PYTHONPATH="$src"); [ "$label" = carried ] && runner=(env PYTHONPATH="$triton_dir:$src")
+        "${runner[@]}" python3 -c "import torch, triton; print('$label: torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/bench.log"
+        "${runner[@]}" timeout 280 python3 -m liteattention.cli bench --shapes wan14b-480p,ltx --patterns random \
+            --rounds 15 --out "$OUT/bench-$label" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log" | tail -3
+    done
+    ;;
+ab)
+    for label in old new; do
+        tree=$src; [ "$label" = old ] && tree=${OLD:?OLD=path to the older tree\'s src}
+        PYTHONPATH="$tree" timeout 200 python3 -m liteattention.cli bench --shapes wan14b-480p,ltx --patterns random \
+            --no-flex --rounds 10 --out "$OUT/ab-$label" 2>&1 | grep -v Warning | tee -a "$OUT/ab.log" | tail -3
+    done
+    ;;
+esac
+echo "phase $phase: ${SECONDS} s" | tee -a "$OUT/gpu.log"
