@@ -421,7 +421,8 @@ def test_q_tiles_with_nothing_to_compute_pass_their_turn(programs):
     anchor tile is always computed, but the kernels take): the producer hands it over without a
     Q copy, and its rows come out as the portable kernel's (no computed key: NaN), while the
     q-tiles around it compute and mark as usual. Wired by hand: the front door cannot make it."""
-    from liteattention.kernels import plan_work, triton_forward
+    from liteattention.kernels import plan_work
+    from liteattention.kernels.triton_forward import triton_forward
     from liteattention.plan import range_words
 
     gen = torch.Generator(device="cuda").manual_seed(2)
@@ -429,7 +430,7 @@ def test_q_tiles_with_nothing_to_compute_pass_their_turn(programs):
     k[:, 500:] *= 0.05
     geometry = TileGeometry(1000, 1000, 128, 64)
     results = []
-    for forward in (triton_forward.triton_forward, functools.partial(gluon_forward, programs=programs)):
+    for forward in (triton_forward, functools.partial(gluon_forward, programs=programs)):
         bits = torch.zeros(2, 3, geometry.q_tiles, geometry.words, dtype=torch.int32, device="cuda")
         stats = torch.zeros(3, dtype=torch.int64, device="cuda")
         work = plan_work(bits, *range_words(geometry, (), (), q.device), geometry, stats)
