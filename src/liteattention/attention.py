@@ -9,9 +9,9 @@ from typing import Literal, Union, overload
 
 import torch
 
-from .plan import RangesLike, build_plan, normalize_ranges
+from .plan import RangesLike, build_plan, normalize_ranges, range_flags
 from .reference import reference_forward
-from .schedule import ThresholdLike, ThresholdSchedule, check_threshold
+from .schedule import ThresholdLike, ThresholdSchedule, check_int, check_threshold, is_real
 from .state import CallStats, SkipState, TileGeometry, check_block_sizes, default_block_sizes, pack_bits
 
 Backend = Literal["auto", "reference", "triton"]
@@ -25,10 +25,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """'auto' picks Triton for CUDA tensors and the reference elsewhere."""
+def check_backend(backend: str) -> None:
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """'auto' picks Triton for CUDA tensors and the reference elsewhere."""
+    check_backend(backend)
     if backend == "auto":
         return "triton" if q.is_cuda else "reference"
     if backend == "triton" and not q.is_cuda and not _interpreting():
@@ -73,7 +77,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str
 def check_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    if not is_real(scale) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float or None (= head_dim ** -0.5), got {scale!r}")
     return float(scale)
 
@@ -104,6 +108,8 @@ def lite_attention(
     backend_name = check_inputs(q, k, v, backend)
     threshold = check_threshold(threshold)
     scale = check_scale(scale, q.shape[3])
+    if step is not None:
+        step = check_int("step", step, 0)
     batch, seq_q, heads, head_dim = q.shape
     seq_k = k.shape[1]
     if state is not None:
@@ -117,6 +123,7 @@ def lite_attention(
         geometry = TileGeometry(seq_q, seq_k, *default_block_sizes(head_dim))
     must_do = normalize_ranges(must_do, seq_k, "must_do")
     must_skip = normalize_ranges(must_skip, seq_k, "must_skip")
+    range_flags(geometry, must_do, must_skip)  # raises for clashing ranges before any work
     mark = state is not None and threshold != -math.inf
 
     if backend_name == "triton":
@@ -175,8 +182,8 @@ class LiteAttention:
         backend: Backend = "auto",
     ) -> None:
         self.schedule = ThresholdSchedule(threshold)
-        if block_m is not None or block_n is not None:
-            check_block_sizes(block_m or 128, block_n or 64)
+        check_block_sizes(block_m, block_n)
+        check_backend(backend)
         self.block_m, self.block_n = block_m, block_n
         self.enabled = enabled
         self.backend: Backend = backend
@@ -208,17 +215,18 @@ class LiteAttention:
         if not self.enabled:
             return lite_attention(q, k, v, None, **kwargs)
         check_inputs(q, k, v, self.backend)
-        if self.state is not None:
-            reason = self.state.mismatch(q, k)
-            if reason is not None:
-                # A fresh (or just reset) state holds nothing to lose; otherwise say so.
-                if self.state.step > 0:
-                    warnings.warn(f"LiteAttention: rebuilding the skip state, {reason}", stacklevel=2)
-                self.state = None
-        if self.state is None:
-            self.state = SkipState.for_inputs(q, k, self.block_m, self.block_n)
-        step = self.state.step if step is None else step
-        return lite_attention(q, k, v, self.state, threshold=self.schedule(step), step=step, **kwargs)
+        state = self.state
+        reason = None if state is None else state.mismatch(q, k)
+        if state is None or reason is not None:
+            state = SkipState.for_inputs(q, k, self.block_m, self.block_n)
+        step = state.step if step is None else step
+        out = lite_attention(q, k, v, state, threshold=self.schedule(step), step=step, **kwargs)
+        # The new state replaces the old one only once the call has succeeded: a call with a bad
+        # argument leaves the old masks as they were.
+        if reason is not None and self.state.step > 0:  # a fresh or just reset state held nothing
+            warnings.warn(f"LiteAttention: rebuilding the skip state, {reason}", stacklevel=2)
+        self.state = state
+        return out
 
     def reset(self) -> None:
         """Forget the mask and statistics (call before each new video)."""

@@ -14,21 +14,13 @@ import torch
 
 from .attention import TRITON_DTYPES, resolve_backend
 from .models.video_data import DEMO_PROMPTS, tokenize
-from .schedule import check_threshold
+from .schedule import check_int, check_threshold
 from .state import check_block_sizes
 
 if TYPE_CHECKING:
     from .models import DemoVideoModel, GeneratedVideo
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def check_int(name: str, value: int, minimum: int, maximum: int | None = None) -> None:
-    """Raise a ValueError naming option ``name`` unless ``minimum <= value (<= maximum)``."""
-    high = "" if maximum is None else f" and <= {maximum}"
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    if not (is_int and minimum <= value and (maximum is None or value <= maximum)):
-        raise ValueError(f"{name}: expected an integer >= {minimum}{high}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ The reference walks a TilePlan tile by tile; the Triton backend builds the same 
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -19,19 +20,24 @@ Range = tuple[int, int]
 RangesLike = Union[None, Range, Sequence[Range]]
 
 
+def _is_index(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def normalize_ranges(ranges: RangesLike, seq_k: int, name: str) -> tuple[Range, ...]:
     """Validate key-index ranges [start, end) given as one pair or a sequence of pairs."""
     if ranges is None:
         return ()
-    if isinstance(ranges, tuple) and len(ranges) == 2 and all(isinstance(x, int) for x in ranges):
-        ranges = [ranges]
     if not isinstance(ranges, Sequence) or isinstance(ranges, (str, bytes)):
         raise TypeError(f"{name} must be a (start, end) pair or a sequence of them, got {type(ranges).__name__}")
+    if len(ranges) == 2 and all(_is_index(x) for x in ranges):  # one bare pair, tuple or list
+        ranges = [ranges]
     result = []
     for i, r in enumerate(ranges):
-        if not (isinstance(r, Sequence) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)):
-            raise TypeError(f"{name}[{i}] must be a (start, end) pair of ints, got {r!r}")
-        start, end = r
+        if not (isinstance(r, Sequence) and len(r) == 2 and all(_is_index(x) for x in r)):
+            hint = "; write one range as (start, end), several as [(start, end), ...]" if _is_index(r) else ""
+            raise TypeError(f"{name}[{i}] must be a (start, end) pair of ints, got {r!r}{hint}")
+        start, end = int(r[0]), int(r[1])
         if not 0 <= start < end <= seq_k:
             raise ValueError(f"{name}[{i}] = ({start}, {end}) must satisfy 0 <= start < end <= {seq_k} (the key length)")
         result.append((start, end))

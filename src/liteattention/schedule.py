@@ -7,10 +7,25 @@ lets them stay strict (low threshold, or ``-inf`` = mark nothing) while later st
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Union
 
 ThresholdLike = Union[float, int, Sequence[float], Callable[[int], float], "ThresholdSchedule"]
+
+
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a real number (int, float, numpy scalar...), bool excluded."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: int, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an int; raise a ValueError naming ``name`` unless ``minimum <= value (<= maximum)``."""
+    high = "" if maximum is None else f" and <= {maximum}"
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not (is_int and minimum <= value and (maximum is None or value <= maximum)):
+        raise ValueError(f"{name}: expected an integer >= {minimum}{high}, got {value!r}")
+    return int(value)
 
 
 def check_threshold(value: float, name: str = "threshold") -> float:
@@ -19,8 +34,8 @@ def check_threshold(value: float, name: str = "threshold") -> float:
     Thresholds are in log2 units of attention weight relative to the running row maximum, so
     ``-inf`` (never mark) and any finite number are meaningful; NaN and ``+inf`` are not.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float (log2 units, e.g. -10.0), got {type(value).__name__}")
+    if not is_real(value):
+        raise TypeError(f"{name} must be a real number (log2 units, e.g. -10.0), got {type(value).__name__}")
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN; use -inf to disable marking")
@@ -40,7 +55,7 @@ class ThresholdSchedule:
         if isinstance(threshold, ThresholdSchedule):
             self._values: tuple[float, ...] | None = threshold._values
             self._fn: Callable[[int], float] | None = threshold._fn
-        elif isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        elif is_real(threshold):
             self._values, self._fn = (check_threshold(threshold),), None
         elif isinstance(threshold, Sequence) and not isinstance(threshold, (str, bytes)):
             if len(threshold) == 0:
@@ -56,8 +71,7 @@ class ThresholdSchedule:
             )
 
     def __call__(self, step: int) -> float:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        step = check_int("step", step, 0)
         if self._fn is not None:
             return check_threshold(self._fn(step), f"threshold({step})")
         assert self._values is not None

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
+from .schedule import check_int
+
 WORD_BITS = 32
 ALLOWED_BLOCKS = (16, 32, 64, 128)
+HISTORY_SIZE = 1024  # calls a state keeps statistics of: far more than a generation's steps
 
 
 def default_block_sizes(head_dim: int) -> tuple[int, int]:
@@ -20,9 +24,10 @@ def default_block_sizes(head_dim: int) -> tuple[int, int]:
     return (64, 64) if head_dim > 128 else (128, 64)
 
 
-def check_block_sizes(block_m: int, block_n: int) -> None:
+def check_block_sizes(block_m: int | None, block_n: int | None) -> None:
+    """Raise unless each size is one of ALLOWED_BLOCKS or None (the default for the head dim)."""
     for name, value in (("block_m", block_m), ("block_n", block_n)):
-        if value not in ALLOWED_BLOCKS:
+        if value is not None and (isinstance(value, bool) or value not in ALLOWED_BLOCKS):
             raise ValueError(f"{name} must be one of {ALLOWED_BLOCKS}, got {value!r}")
 
 
@@ -44,6 +49,20 @@ def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     shifts = torch.arange(WORD_BITS, device=words.device, dtype=torch.int32)
     bits = (words.unsqueeze(-1) >> shifts) & 1
     return bits.flatten(-2)[..., :n].bool()
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device; a ValueError naming the argument for an unknown device, or
+    for CUDA where there is none (the mask could not be allocated there)."""
+    if not isinstance(device, (torch.device, str)):
+        raise TypeError(f"device must be a torch.device or a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must name a torch device such as 'cpu', 'cuda' or 'cuda:0', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested, but CUDA is not available")
+    return device
 
 
 @dataclass(frozen=True)
@@ -117,30 +136,50 @@ class SkipState:
         device: torch.device | str,
         block_m: int | None = None,
         block_n: int | None = None,
+        history_size: int = HISTORY_SIZE,
     ) -> None:
-        for name, value in (("batch", batch), ("heads", heads), ("seq_q", seq_q), ("seq_k", seq_k), ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        batch, heads, seq_q, seq_k, head_dim = (
+            check_int(name, value, 1)
+            for name, value in (("batch", batch), ("heads", heads), ("seq_q", seq_q), ("seq_k", seq_k), ("head_dim", head_dim))
+        )
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+        check_block_sizes(block_m, block_n)
         default_m, default_n = default_block_sizes(head_dim)
         block_m = default_m if block_m is None else block_m
         block_n = default_n if block_n is None else block_n
-        check_block_sizes(block_m, block_n)
         self.batch, self.heads, self.head_dim = batch, heads, head_dim
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype = dtype
         self.geometry = TileGeometry(seq_q, seq_k, block_m, block_n)
         g = self.geometry
-        self.bits = torch.zeros(batch, heads, g.q_tiles, g.words, dtype=torch.int32, device=self.device)
+        self.bits = torch.zeros(batch, heads, g.q_tiles, g.words, dtype=torch.int32, device=check_device(device))
+        # The device as tensors on it report it ('cuda' -> 'cuda:<current>'), so that the state
+        # compares equal to the inputs it was built for.
+        self.device = self.bits.device
         self.step = 0
-        self._history: list[CallStats] = []
-        # Statistics of recent calls still as device tensors: read lazily, so a call never waits
-        # on the GPU just to count tiles.
-        self._pending: list[tuple[int, float, torch.Tensor]] = []
+        # Statistics of the last ``history_size`` calls: a ring, so that a long-lived state does
+        # not grow. The newest ones stay device tensors until read, so a call never waits on the
+        # GPU just to count tiles.
+        self.history_size = check_int("history_size", history_size, 1)
+        self._history: deque[CallStats] = deque(maxlen=self.history_size)
+        self._pending: deque[tuple[int, float, torch.Tensor]] = deque(maxlen=self.history_size)
 
     @classmethod
-    def for_inputs(cls, q: torch.Tensor, k: torch.Tensor, block_m: int | None = None, block_n: int | None = None) -> "SkipState":
+    def for_inputs(
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        block_m: int | None = None,
+        block_n: int | None = None,
+        *,
+        history_size: int = HISTORY_SIZE,
+    ) -> "SkipState":
         """A fresh state shaped for q (B, Sq, H, D) and k (B, Sk, H, D)."""
         b, sq, h, d = q.shape
-        return cls(b, h, sq, k.shape[1], d, dtype=q.dtype, device=q.device, block_m=block_m, block_n=block_n)
+        return cls(
+            b, h, sq, k.shape[1], d, dtype=q.dtype, device=q.device, block_m=block_m, block_n=block_n,
+            history_size=history_size,
+        )
 
     @property
     def total_tiles(self) -> int:
@@ -148,19 +187,23 @@ class SkipState:
 
     @property
     def history(self) -> list[CallStats]:
-        """Statistics of every call since the last reset, oldest first (reading them waits for
-        the GPU work that produced them)."""
-        if self._pending:
-            values = torch.stack([p[2].to(torch.int64) for p in self._pending]).tolist()  # one device sync
-            for (step, threshold, _), (computed, before, newly) in zip(self._pending, values):
-                self._history.append(CallStats(step, threshold, self.total_tiles, computed, newly, before + newly))
-            self._pending.clear()
-        return self._history
+        """Statistics of the calls since the last reset, oldest first, at most the last
+        ``history_size`` of them (reading them waits for the GPU work that produced them)."""
+        self._collect()
+        return list(self._history)
 
     @property
     def last_stats(self) -> CallStats | None:
-        history = self.history
-        return history[-1] if history else None
+        self._collect()
+        return self._history[-1] if self._history else None
+
+    def _collect(self) -> None:
+        """Move the pending statistics into the history, with one device sync."""
+        if self._pending:
+            values = torch.stack([p[2].to(torch.int64) for p in self._pending]).tolist()
+            for (step, threshold, _), (computed, before, newly) in zip(self._pending, values):
+                self._history.append(CallStats(step, threshold, self.total_tiles, computed, newly, before + newly))
+            self._pending.clear()
 
     @property
     def nbytes(self) -> int:

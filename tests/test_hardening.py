@@ -1,0 +1,178 @@
+"""Issue 18: a failed call keeps the state, arguments are checked where they are given, statistics
+stay bounded, and the commands check their output folder before any work."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from liteattention import LiteAttention, SkipState, lite_attention
+from liteattention.state import HISTORY_SIZE
+
+
+def qkv(b=1, s=40, h=2, d=32, dtype=torch.float32):
+    return tuple(torch.randn(b, s, h, d, dtype=dtype) for _ in range(3))
+
+
+# --------------------------------------------------------------------------------------------------
+# A failed call leaves the state alone
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(must_do=[(10, 5)]), dict(must_do=(0, 20), must_skip=(0, 16)), dict(scale=-1.0), dict(step=-1)]
+)
+def test_failed_call_with_new_shapes_keeps_the_old_state(bad):
+    attn = LiteAttention(threshold=1e4, block_m=16, block_n=16)
+    attn(*qkv())
+    state, mask = attn.state, attn.mask()
+    assert mask.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "rebuilding" warning for a call that does not happen
+        with pytest.raises((ValueError, TypeError)):
+            attn(*qkv(s=50), **bad)
+    assert attn.state is state and attn.step == 1 and torch.equal(attn.mask(), mask)
+    assert len(state.history) == 1
+    # The same shapes as before still find their masks.
+    attn(*qkv())
+    assert attn.state is state and attn.last_sparsity > 0
+
+
+def test_failed_call_with_the_same_shapes_records_nothing():
+    attn = LiteAttention(threshold=1e4, block_m=16, block_n=16)
+    q, k, v = qkv()
+    attn(q, k, v)
+    mask = attn.mask()
+    with pytest.raises(ValueError, match="must be disjoint"):
+        attn(q, k, v, must_do=(0, 20), must_skip=(0, 16))
+    assert attn.step == 1 and len(attn.state.history) == 1 and torch.equal(attn.mask(), mask)
+
+
+def test_rebuild_still_warns_once_the_call_succeeds():
+    attn = LiteAttention(threshold=1e4, block_m=16, block_n=16)
+    attn(*qkv())
+    with pytest.warns(UserWarning, match=r"rebuilding the skip state, state was built for seq_q 40 \(inputs have 50\)"):
+        attn(*qkv(s=50))
+    assert attn.state.geometry.seq_q == 50 and attn.step == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments checked where they are given, naming the argument
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(block_m=0), r"block_m must be one of \(16, 32, 64, 128\), got 0"),
+        (dict(block_n=0), r"block_n must be one of \(16, 32, 64, 128\), got 0"),
+        (dict(block_m=True), "block_m must be one of"),
+        (dict(backend="bogus"), "backend must be 'auto', 'reference' or 'triton', got 'bogus'"),
+    ],
+)
+def test_lite_attention_checks_its_options_at_construction(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        LiteAttention(**kwargs)
+
+
+@pytest.mark.parametrize("step", ["abc", -3, 1.0, True])
+def test_bad_step_is_rejected_not_recorded(step):
+    q, k, v = qkv()
+    state = SkipState.for_inputs(q, k)
+    with pytest.raises(ValueError, match=r"step: expected an integer >= 0, got"):
+        lite_attention(q, k, v, state, step=step)
+    assert state.step == 0 and state.history == []
+    with pytest.raises(ValueError, match="step: expected an integer >= 0"):
+        LiteAttention()(q, k, v, step=step)
+
+
+def test_numpy_integer_step_is_recorded_as_an_int():
+    q, k, v = qkv()
+    state = SkipState.for_inputs(q, k)
+    lite_attention(q, k, v, state, step=np.int64(3))
+    assert state.history[0].step == 3 and type(state.history[0].step) is int
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,pattern",
+    [
+        (dict(dtype="float32"), TypeError, "dtype must be a floating-point torch.dtype .*, got 'float32'"),
+        (dict(dtype=torch.int32), TypeError, "dtype must be a floating-point torch.dtype"),
+        (dict(device="gpu"), ValueError, "device must name a torch device .*, got 'gpu'"),
+        (dict(device=0), TypeError, "device must be a torch.device or a string"),
+        (dict(batch=0), ValueError, "batch: expected an integer >= 1, got 0"),
+        (dict(history_size=0), ValueError, "history_size: expected an integer >= 1, got 0"),
+    ],
+)
+def test_skip_state_checks_its_arguments(kwargs, exc, pattern):
+    args = dict(batch=1, heads=2, seq_q=40, seq_k=40, head_dim=32, dtype=torch.float32, device="cpu")
+    with pytest.raises(exc, match=pattern):
+        SkipState(**{**args, **kwargs})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_state_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="device 'cuda' requested, but CUDA is not available"):
+        SkipState(1, 2, 40, 40, 32, dtype=torch.float16, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_state_takes_the_index_of_the_current_device():
+    q, k, v = qkv(dtype=torch.float16)
+    q, k, v = (t.cuda() for t in (q, k, v))
+    state = SkipState(1, 2, 40, 40, 32, dtype=torch.float16, device="cuda")
+    assert state.device == q.device == torch.device("cuda", torch.cuda.current_device())
+    lite_attention(q, k, v, state)  # the functional form accepts its own state
+    assert state.step == 1
+
+
+def test_a_bare_list_pair_is_one_range():
+    q, k, v = qkv()
+    attn = LiteAttention(threshold=1e4, block_m=16, block_n=16)
+    attn(q, k, v, must_do=[0, 10])
+    attn(q, k, v, must_do=[np.int64(0), np.int64(10)])
+    assert not attn.mask()[..., 0].any(), "k-tile 0 is must-do"
+    with pytest.raises(TypeError, match=r"must_do\[0\] must be a \(start, end\) pair of ints, got 0; write one range as"):
+        attn(q, k, v, must_do=[0, 10, 20])
+
+
+@pytest.mark.parametrize("value", [np.float32(-3.0), np.float64(-3.0), np.int32(-3)])
+def test_numpy_scalars_are_real_numbers(value):
+    q, k, v = qkv()
+    state = SkipState.for_inputs(q, k)
+    lite_attention(q, k, v, state, threshold=value, scale=abs(value) / 10)
+    assert state.history[0].threshold == -3.0 and type(state.history[0].threshold) is float
+    assert LiteAttention(threshold=value).schedule(0) == -3.0
+    assert LiteAttention(threshold=[-math.inf, value]).schedule(1) == -3.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics stay bounded
+# --------------------------------------------------------------------------------------------------
+
+
+def test_statistics_keep_the_last_history_size_calls():
+    q, k, v = qkv()
+    state = SkipState.for_inputs(q, k, block_m=16, block_n=16, history_size=3)
+    for step in range(5):
+        lite_attention(q, k, v, state, threshold=1e4, step=step)
+        # Unread statistics (device tensors on the GPU) are bounded as well.
+        assert len(state._pending) <= 3
+    assert [call.step for call in state.history] == [2, 3, 4]
+    assert state.last_stats.step == 4 and state.step == 5
+    for step in range(5, 7):
+        lite_attention(q, k, v, state, threshold=1e4, step=step)
+        assert state.last_stats.step == step
+    assert [call.step for call in state.history] == [4, 5, 6]
+    state.reset()
+    assert state.history == [] and state.last_stats is None
+
+
+def test_operator_states_have_the_default_bound():
+    attn = LiteAttention()
+    attn(*qkv())
+    assert attn.state.history_size == HISTORY_SIZE
