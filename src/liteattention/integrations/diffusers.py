@@ -65,6 +65,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanT
 from torch.overrides import TorchFunctionMode
 
 from ..attention import LiteAttention
+from ..state import SkipState
 from ..schedule import ThresholdLike
 
 __all__ = ["LiteAttentionHandle", "LiteAttentionProcessor", "apply_lite_attention"]
@@ -433,16 +434,15 @@ class LiteAttentionHandle:
     def stats(self) -> dict[int, dict[int, list[float]]]:
         """Skipped-tile fraction ``{branch: {layer: [sparsity per step]}}`` of the current generation.
 
-        A step at which the layer ran dense (handle disabled, or a dense fallback) holds NaN.
+        A step at which the layer ran dense (handle disabled, or a dense fallback) holds NaN, and
+        so do steps older than the last ``HISTORY_SIZE`` (1024) calls of a layer's state.
         """
         out: dict[int, dict[int, list[float]]] = {}
         for (branch, layer), steps in sorted(self._steps.items()):
-            state = self._ops[branch][layer].state
-            history = state.history if state is not None else []
             row = [math.nan] * (self._clock.step + 1)
-            # The history holds the calls since the state was last (re)built: the latest of ours.
-            for step, call in zip(steps[len(steps) - len(history) :], history, strict=True):
-                row[step] = call.sparsity
+            current = _sparsity(steps, self._ops[branch][layer].state)
+            for step, sparsity in {**self._rebuilt.get((branch, layer), {}), **current}.items():
+                row[step] = sparsity
             out.setdefault(branch, {})[layer] = row
         return out
 
@@ -464,11 +464,23 @@ class LiteAttentionHandle:
     def _clear(self) -> None:
         # Fresh operators rather than reset() ones: a new generation may bring new shapes (prompt length).
         self._ops: list[dict[int, LiteAttention]] = [self._new_ops()]  # per CFG branch
-        self._steps: dict[tuple[int, int], list[int]] = {}  # (branch, layer) -> denoising step of each call
+        self._steps: dict[tuple[int, int], list[int]] = {}  # (branch, layer) -> step of each call to its state
+        # (branch, layer) -> {step: sparsity} of the calls to states that new shapes replaced since.
+        self._rebuilt: dict[tuple[int, int], dict[int, float]] = {}
 
     def _on_forward(self, timestep_index: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[timestep_index]
-        if self._clock.tick(float(torch.as_tensor(timestep).max())):
+        if "timestep" in kwargs:
+            timestep = kwargs["timestep"]
+        else:
+            timestep = args[timestep_index] if len(args) > timestep_index else None
+        try:
+            value = float(torch.as_tensor(timestep).max())
+        except (TypeError, ValueError, RuntimeError):  # None, a string, an empty tensor...
+            raise TypeError(
+                "timestep: expected a number or a tensor of numbers (LiteAttention counts denoising steps "
+                f"from it), got {timestep!r}"
+            ) from None
+        if self._clock.tick(value):
             self._clear()
         while len(self._ops) <= self._clock.branch:
             self._ops.append(self._new_ops())
@@ -493,8 +505,16 @@ class LiteAttentionHandle:
 
     def _run_lite(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         branch, step = self._clock.branch, self._clock.step
-        out = self._ops[branch][layer](q, k, v, step=step, **kwargs)
-        self._steps.setdefault((branch, layer), []).append(step)
+        op = self._ops[branch][layer]
+        before = op.state
+        out = op(q, k, v, step=step, **kwargs)
+        key = (branch, layer)
+        if before is not None and op.state is not before:
+            # New shapes (a dtype change, say) replaced the layer's state: keep what the old one
+            # recorded (reading it waits for the GPU, once per replacement).
+            self._rebuilt[key] = {**self._rebuilt.get(key, {}), **_sparsity(self._steps[key], before)}
+            self._steps[key] = []
+        self._steps.setdefault(key, []).append(step)
         return out
 
     def _decline(self, reason: str) -> None:
@@ -504,6 +524,13 @@ class LiteAttentionHandle:
             warnings.warn(
                 f"LiteAttention runs the model's dense attention for calls with {reason} (warned once)", stacklevel=2
             )
+
+
+def _sparsity(steps: list[int], state: SkipState) -> dict[int, float]:
+    """{step: sparsity} of the calls ``state`` holds statistics of: the latest of ``steps``, the
+    steps of every call to it (its history is a ring)."""
+    history = state.history
+    return {step: call.sparsity for step, call in zip(steps[len(steps) - len(history) :], history, strict=True)}
 
 
 # --------------------------------------------------------------------------------------------------
