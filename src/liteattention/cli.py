@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -16,7 +17,10 @@ Config = TypeVar("Config")
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _names(text: str) -> list[str]:
@@ -80,8 +84,8 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
         help="marking threshold, log2 units (default: %(default)s); write --threshold=-inf for dense",
     )
     demo.add_argument(
-        "--warmup-steps", type=int, default=defaults.warmup_steps,
-        help="first steps run with threshold -inf (default: %(default)s)",
+        "--warmup-steps", type=int, default=None,  # DemoConfig scales its default to --steps
+        help="first steps run with threshold -inf (default: 4, at most a fifth of the steps)",
     )
 
 
@@ -107,6 +111,17 @@ def _config(parser: argparse.ArgumentParser, config_type: type[Config], args: ar
         parser.error(str(error))
 
 
+def _make_out_folder(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Create the output folder and check that it takes files: a bad --out is a usage error now,
+    not a traceback after the whole run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        reason = "a file of that name exists" if isinstance(error, FileExistsError) else error.strerror or error
+        parser.error(f"--out: cannot write into the folder {str(out)!r} ({reason})")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
@@ -120,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         if not torch.cuda.is_available():
             sys.exit("liteattention bench: the benchmark needs a CUDA GPU")
+        _make_out_folder(args.command_parser, args.out)
         run_bench(args.shapes, args.sparsities, args.patterns, out=args.out, flex=not args.no_flex, rounds=args.rounds)
     elif args.command in ("demo", "coherence"):
         _run_sampling_command(args)
@@ -137,6 +153,7 @@ def _run_sampling_command(args: argparse.Namespace) -> None:
 
         config_type = CoherenceConfig
     config = _config(args.command_parser, config_type, args)
+    _make_out_folder(args.command_parser, config.out)
     try:
         command(config)
     except FileNotFoundError as error:  # no demo model weights

@@ -83,12 +83,17 @@ class DemoConfig(RunConfig):
     block_m: int = DEFAULT_BLOCK
     block_n: int = DEFAULT_BLOCK
     threshold: float = DEFAULT_THRESHOLD
-    warmup_steps: int = DEFAULT_WARMUP_STEPS
+    warmup_steps: int | None = None  # None: DEFAULT_WARMUP_STEPS, at most a fifth of the steps
     out: Path = Path("liteattention-demo")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_threshold(self.threshold)
+        if self.warmup_steps is None:
+            # Scaled down for short runs (--steps 2 would otherwise be all warm-up, and refused).
+            # The dataclass is frozen: the resolved value is set once, here.
+            default = min(DEFAULT_WARMUP_STEPS, self.steps * DEFAULT_WARMUP_STEPS // DEFAULT_STEPS)
+            object.__setattr__(self, "warmup_steps", default)
         check_int("warmup_steps", self.warmup_steps, 0, self.steps)
 
     def schedule(self) -> list[float]:
