@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +177,111 @@ def test_operator_states_have_the_default_bound():
     attn = LiteAttention()
     attn(*qkv())
     assert attn.state.history_size == HISTORY_SIZE
+
+
+# --------------------------------------------------------------------------------------------------
+# diffusers integration
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wan():
+    pytest.importorskip("diffusers")
+    from test_integration_diffusers import build
+
+    return build("wan")
+
+
+def test_stats_survive_a_state_rebuilt_mid_generation(wan):
+    from test_integration_diffusers import BLOCK, forward
+
+    from liteattention.integrations import apply_lite_attention
+
+    model, inputs = wan
+    handle = apply_lite_attention(model, 0.0, block_m=BLOCK, block_n=BLOCK)
+    forward(model, inputs, 999.0)
+    forward(model, inputs, 800.0)
+    before = handle.stats()[0]
+    assert before[0][1] > 0.0
+    model.to(torch.float64)  # new inputs dtype: every layer rebuilds its state
+    with pytest.warns(UserWarning, match="rebuilding the skip state"):
+        forward(model, {key: val.double() for key, val in inputs.items()}, 600.0)
+    after = handle.stats()[0]
+    for layer, row in after.items():
+        assert row[:2] == before[layer] and row[2] == 0.0
+
+
+@pytest.mark.parametrize("timestep", [None, "abc", torch.zeros(0)])
+def test_bad_timestep_is_named(wan, timestep):
+    from test_integration_diffusers import BLOCK
+
+    from liteattention.integrations import apply_lite_attention
+
+    model, inputs = wan
+    apply_lite_attention(model, 0.0, block_m=BLOCK, block_n=BLOCK)
+    with pytest.raises(TypeError, match="timestep: expected a number or a tensor of numbers"):
+        model(**inputs, timestep=timestep)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: options and the output folder, checked before any work
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def commands(monkeypatch):
+    """The demo and coherence commands replaced by a recorder: what the CLI would run, with what."""
+    import liteattention.coherence
+    import liteattention.demo
+
+    ran = []
+    monkeypatch.setattr(liteattention.demo, "main", ran.append)
+    monkeypatch.setattr(liteattention.coherence, "main", ran.append)
+    return ran
+
+
+def usage_error(capsys, argv) -> str:
+    from liteattention.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["demo", "coherence"])
+def test_out_folder_problems_are_usage_errors_before_any_work(command, commands, capsys, tmp_path):
+    file = tmp_path / "file"
+    file.write_text("")
+    places = {file: "a file of that name exists", file / "sub": "Not a directory"}
+    if Path("/proc/self").is_dir():  # /proc takes no new folders, even from root
+        places[Path("/proc/liteattention-out")] = "No such file or directory"
+    for out, reason in places.items():
+        err = usage_error(capsys, [command, "--out", str(out)])
+        assert f"--out: cannot write into the folder {str(out)!r} ({reason})" in err
+    assert commands == []
+
+
+def test_out_folder_is_created_before_the_run(commands, tmp_path):
+    from liteattention.cli import main as cli_main
+
+    out = tmp_path / "a" / "b"
+    cli_main(["demo", "--out", str(out), "--device", "cpu"])
+    assert out.is_dir() and commands[0].out == out
+
+
+def test_short_demo_scales_its_default_warmup(commands, capsys, tmp_path):
+    from liteattention.cli import main as cli_main
+    from liteattention.experiment import DemoConfig
+
+    cli_main(["demo", "--steps", "2", "--device", "cpu", "--out", str(tmp_path)])
+    assert commands[0].warmup_steps == 0 and commands[0].schedule() == [-6.0, -6.0]
+    assert [DemoConfig(steps=steps, device="cpu").warmup_steps for steps in (1, 5, 10, 20, 50)] == [0, 1, 2, 4, 4]
+    err = usage_error(capsys, ["demo", "--steps", "2", "--warmup-steps", "3", "--out", str(tmp_path)])
+    assert "warmup_steps: expected an integer >= 0 and <= 2" in err
+
+
+def test_bad_threshold_list_names_the_option(capsys):
+    err = usage_error(capsys, ["coherence", "--thresholds=abc"])
+    assert "argument --thresholds: expected comma-separated numbers, got 'abc'" in err
+    assert "_floats" not in err
