@@ -26,6 +26,7 @@ def _interpreting() -> bool:
 
 
 def check_backend(backend: str) -> None:
+    """Raise a ValueError unless ``backend`` names one (see ``Backend``)."""
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
 
