@@ -145,6 +145,7 @@ class SkipState:
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
         check_block_sizes(block_m, block_n)
+        self.history_size = check_int("history_size", history_size, 1)
         default_m, default_n = default_block_sizes(head_dim)
         block_m = default_m if block_m is None else block_m
         block_n = default_n if block_n is None else block_n
@@ -160,7 +161,6 @@ class SkipState:
         # Statistics of the last ``history_size`` calls: a ring, so that a long-lived state does
         # not grow. The newest ones stay device tensors until read, so a call never waits on the
         # GPU just to count tiles.
-        self.history_size = check_int("history_size", history_size, 1)
         self._history: deque[CallStats] = deque(maxlen=self.history_size)
         self._pending: deque[tuple[int, float, torch.Tensor]] = deque(maxlen=self.history_size)
 
