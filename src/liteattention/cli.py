@@ -1,4 +1,4 @@
-"""The ``liteattention`` command line: demo, coherence, bench."""
+"""The ``liteattention`` command line: demo, coherence, bench, info."""
 
 from __future__ import annotations
 
@@ -30,8 +30,13 @@ def _names(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from .bench import PATTERNS, ROUNDS, SHAPES, SPARSITIES
 
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="liteattention", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"liteattention {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="versions, GPU, and which kernel each head dim and tile shape gets, and why")
+    info.set_defaults(command_parser=info)
 
     bench = sub.add_parser("bench", help="GPU benchmark: LiteAttention vs cuDNN/flash SDPA vs FlexAttention")
     bench.set_defaults(command_parser=bench)
@@ -124,7 +129,11 @@ def _make_out_folder(parser: argparse.ArgumentParser, out: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "bench":
+    if args.command == "info":
+        from .info import main as info
+
+        info()
+    elif args.command == "bench":
         from .bench import check_bench_args, run_bench
 
         try:

@@ -66,13 +66,16 @@ def _gluon() -> tuple[ModuleType | None, str]:
 _gluon_failed: str | None = None  # set when an untested Triton failed to compile the Gluon kernel
 
 
-def choose_kernel(device: torch.device, geometry: TileGeometry, head_dim: int) -> KernelChoice:
-    """The kernel a call on ``device`` with this tile geometry and (padded) head dim gets."""
+def choose_kernel(
+    device: torch.device, geometry: TileGeometry, head_dim: int, capability: tuple[int, int] | None = None,
+) -> KernelChoice:
+    """The kernel a call on ``device`` with this tile geometry and (padded) head dim gets;
+    ``capability`` stands in for a CUDA device's own (to ask what a GPU not present would get)."""
     if os.environ.get("LITEATTENTION_GLUON", "1") == "0":
         return KernelChoice("portable", "LITEATTENTION_GLUON=0 is set")
     if device.type != "cuda":
         return KernelChoice("portable", f"{device.type} tensors: the Gluon kernel runs on CUDA GPUs only")
-    capability = torch.cuda.get_device_capability(device)
+    capability = capability or torch.cuda.get_device_capability(device)
     if capability != (9, 0):
         return KernelChoice("portable", f"sm_{capability[0]}{capability[1]}: the Gluon kernel is built for sm_90 (Hopper)")
     module, why = _gluon()
@@ -82,7 +85,8 @@ def choose_kernel(device: torch.device, geometry: TileGeometry, head_dim: int) -
     if shape is not None:
         return KernelChoice("portable", shape)
     tested = "" if TRITON_VERSION <= GLUON_TRITON[1] else ", untested on this Triton"
-    return KernelChoice("gluon", f"sm_90, {geometry.block_m}x{geometry.block_n} tiles, head dim {head_dim}{tested}")
+    tiles = f"{geometry.block_m}x{geometry.block_n} tiles"
+    return KernelChoice("gluon", f"sm_90 with Triton {triton.__version__}{tested}, {tiles}, head dim padded to {head_dim}")
 
 
 @functools.cache

@@ -1,0 +1,40 @@
+"""``liteattention info`` and ``--version``: what an install runs with, and which kernel runs where."""
+
+import pytest
+import torch
+import triton
+
+from liteattention import __version__
+from liteattention.cli import main
+from liteattention.info import kernel_table, report
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.strip() == f"liteattention {__version__}"
+
+
+def test_info_names_versions_and_a_kernel_per_head_dim_and_tile_shape(capsys):
+    main(["info"])
+    out = capsys.readouterr().out
+    assert out == report() + "\n"
+    for line in ("liteattention: ", f"torch: {torch.__version__}", f"triton: {triton.__version__}", "GPU: "):
+        assert line in out
+    assert "head dim  tiles" in out
+
+
+def test_kernel_choice_on_hopper_and_elsewhere():
+    hopper = {(d, tiles): (kernel, why) for d, tiles, kernel, why in kernel_table(torch.device("cuda"), (9, 0))}
+    assert hopper[("128", "128x64 (default)")] == ("gluon", f"sm_90 with Triton {triton.__version__}, 128x64 tiles, head dim padded to 128")
+    assert hopper[("48", "128x128")][0] == "gluon"
+    assert hopper[("256", "64x64 (default)")] == ("portable", "block_m=64: it takes 128-row q-tiles")
+    ampere = kernel_table(torch.device("cuda"), (8, 0))
+    assert {kernel for _, _, kernel, _ in ampere} == {"portable"}
+    assert all(why == "sm_80: the Gluon kernel is built for sm_90 (Hopper)" for *_, why in ampere)
+
+
+def test_the_portable_kernel_is_forced_by_the_environment(monkeypatch):
+    monkeypatch.setenv("LITEATTENTION_GLUON", "0")
+    assert {why for *_, why in kernel_table(torch.device("cuda"), (9, 0))} == {"LITEATTENTION_GLUON=0 is set"}
