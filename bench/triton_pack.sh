@@ -3,8 +3,10 @@
 # travel one at a time (the GPU machine has torch with Triton 3.6; a Triton 3.9 wheel is 285 MB).
 # Usage (repo root, any x86-64 Linux with pip): bash bench/triton_pack.sh 3.9.0 .t39
 # Leaves DEST/a/part00, DEST/b/part01, ...: xz of a tar holding the triton package without its AMD
-# backend, Blackwell ptxas, CUPTI, proton and instrumentation, with libtriton.so stripped of debug
-# symbols (500 MB -> 192 MB). bench/triton_unpack.sh puts it back together on the GPU machine.
+# backend, the ptxas for GPUs before sm_90 (from 3.9 on, sm_90 is built by the newer one that
+# Triton names ptxas-blackwell), CUPTI, proton and instrumentation, with libtriton.so stripped of
+# debug symbols (500 MB -> 192 MB). bench/triton_unpack.sh puts it back together on the GPU
+# machine. The wheel must match the GPU machine's Python (3.12 there).
 set -euo pipefail
 version=${1:?Triton version}
 dest=${2:?destination folder}
@@ -14,7 +16,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 (cd "$work" && unzip -q triton-*.whl)
 strip --strip-unneeded "$work/triton/_C/libtriton.so"
 tar -C "$work" --exclude=triton/backends/amd --exclude='triton/backends/nvidia/lib/cupti*' \
-    --exclude=triton/backends/nvidia/bin/ptxas-blackwell --exclude=triton/_C/libproton.so \
+    --exclude=triton/backends/nvidia/bin/ptxas --exclude=triton/_C/libproton.so \
     --exclude=triton/instrumentation --exclude=triton/FileCheck --exclude=__pycache__ \
     -cf - triton "triton-$version.dist-info" | xz -6 -T0 > "$work/triton.tar.xz"
 mkdir -p "$dest"

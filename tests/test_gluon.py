@@ -20,6 +20,7 @@ from liteattention import kernels
 from liteattention.kernels import WorkList, choose_kernel
 from liteattention.kernels import gluon_forward as gf
 from liteattention.kernels.gluon_forward import GROUP, VERDICT_WARPS, _apply_verdicts, gluon_forward
+from liteattention.kernels.triton_compat import sm90_ptxas
 from liteattention.state import TileGeometry, pack_bits
 
 COMPILE = """
@@ -61,11 +62,7 @@ def test_compiles_for_sm90_without_spills_in_its_loops(
     # The consumers' ping-pong (head dim 64 only): each waits on its own named barrier, arrives on the other's.
     turns = ("bar.sync 10, 256", "bar.arrive 11, 256", "bar.sync 11, 256", "bar.arrive 10, 256")
     assert [turn in text for turn in turns] == [gf.pingpong(head_dim)] * 4
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        ptxas = shutil.which("ptxas")
-        if ptxas is None:
-            pytest.skip("no ptxas to count spills")
+    ptxas = sm90_ptxas()
     cubin = tmp_path / "kernel.cubin"
     report = subprocess.run(
         [str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)], capture_output=True, text=True, check=True,
@@ -81,10 +78,17 @@ def test_compiles_for_sm90_without_spills_in_its_loops(
     # loop over groups of tiles between them.
     nested = gf._nested_steps(bool(use_list), bool(mark), gf.pingpong(head_dim))
     assert len(loops) == (6 if nested else 4), [(hex(start), len(body)) for start, _, body in loops]
-    inner = [(start, body) for start, end, body in loops if any(s < start and end <= e for s, e, _ in loops)]
+    inner = [(start, end, body) for start, end, body in loops if any(s < start and end <= e for s, e, _ in loops)]
     assert len(inner) == (4 if nested else 2)
-    local = [(hex(start), text) for start, body in inner for text in body if tools.opcode(text) in ("LDL", "STL")]
-    assert not local, local
+    steps = [(start, body) for start, end, body in inner if not any(start < s and e <= end for s, e, _ in inner)]
+    local = {
+        hex(start): [text for text in body if tools.opcode(text) in ("LDL", "STL")] for start, _, body in inner
+    }
+    assert not any(local[hex(start)] for start, _ in steps), local
+    # Triton 3.9's ptxas (13.4) keeps one register of one marking build (head dim 128, LSE) in
+    # local memory across the loop over groups, loaded and stored once per 32 tiles.
+    allowed = 2 if kernels.TRITON_VERSION >= (3, 9) and mark and lse else 0
+    assert all(len(texts) <= allowed for texts in local.values()), local
 
 
 def sass_tools(monkeypatch):
@@ -148,7 +152,10 @@ def test_sass_row_max_is_a_tree_only_in_the_list_loop_at_head_dim_64(monkeypatch
     """The list build with ping-pong folds the row max as a tree: its longest chain of dependent
     FMNMX is 7 (four halvings, the thread's two adjacent columns, and the quad's two shuffle
     steps). The other builds keep gl.max's chain (31 FMNMX, 33 with the shuffle steps), the form
-    each measured faster with (docs/performance.md, v19)."""
+    each measured faster with on Triton 3.6 (docs/performance.md, v19). Triton 3.9 folds every
+    row max as a tree (chain 7) by itself."""
+    if kernels.TRITON_VERSION >= (3, 9):
+        chain = 7
     report = gluon_sass(monkeypatch, "--head-dim", str(head_dim), "--mode", mode)
     assert f"longest FMNMX chain {chain}" in report, report
 

@@ -38,3 +38,12 @@ def test_kernel_choice_on_hopper_and_elsewhere():
 def test_the_portable_kernel_is_forced_by_the_environment(monkeypatch):
     monkeypatch.setenv("LITEATTENTION_GLUON", "0")
     assert {why for *_, why in kernel_table(torch.device("cuda"), (9, 0))} == {"LITEATTENTION_GLUON=0 is set"}
+
+
+def test_commands_without_the_demo_extra_say_what_to_install(monkeypatch, capsys, tmp_path):
+    """With the operator alone installed (no matplotlib here), demo says which extra to install."""
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib now fails
+    monkeypatch.delitem(__import__("sys").modules, "liteattention.demo", raising=False)
+    with pytest.raises(SystemExit) as exit:
+        main(["demo", "--out", str(tmp_path)])
+    assert "pip install 'liteattention[demo]'" in str(exit.value.code)

@@ -153,14 +153,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _run_sampling_command(args: argparse.Namespace) -> None:
     from .experiment import CoherenceConfig, DemoConfig
 
-    if args.command == "demo":
-        from .demo import main as command
+    try:
+        if args.command == "demo":
+            from .demo import main as command
 
-        config_type = DemoConfig
-    else:
-        from .coherence import main as command
+            config_type = DemoConfig
+        else:
+            from .coherence import main as command
 
-        config_type = CoherenceConfig
+            config_type = CoherenceConfig
+    except ModuleNotFoundError as error:  # the operator alone was installed
+        sys.exit(f"liteattention {args.command} needs {error.name}, which the demo extra installs: pip install 'liteattention[demo]'")
     config = _config(args.command_parser, config_type, args)
     _make_out_folder(args.command_parser, config.out)
     try:

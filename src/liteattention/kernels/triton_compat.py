@@ -7,14 +7,8 @@ at import, so the kernels themselves read the same on every release.
 
 from __future__ import annotations
 
-import triton
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import tma
-
-TRITON_VERSION: tuple[int, int] = tuple(int(part) for part in triton.__version__.split(".")[:2])
-
-# Oldest and newest Triton releases the Gluon kernel is compiled and tested with.
-GLUON_TESTED = ((3, 6), (3, 9))
 
 # A barrier over the threads of one partition: `thread_barrier` in 3.6, `barrier` from 3.7 on.
 thread_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
@@ -22,3 +16,11 @@ thread_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barr
 # A TMA copy from global to shared memory: `async_copy_global_to_shared` up to 3.7, `async_load`
 # from 3.8 on (3.9 keeps the old name only to raise).
 tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+
+
+def sm90_ptxas() -> str:
+    """The ptxas that Triton builds sm_90 code with: its older bundled one up to 3.8, the newer one
+    it names ptxas-blackwell from 3.9 on (which alone reads the PTX version 3.9 writes)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(90).path
