@@ -97,3 +97,30 @@ def test_cli_reports_bad_options_as_usage_errors(capsys):
         cli_main(["demo", "--steps", "0"])
     assert exit_info.value.code == 2
     assert "steps: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_timing_rounds_alternate_the_runs_and_flag_noise(tiny_model, tmp_path, monkeypatch):
+    """Round 1 samples dense then LiteAttention, round 2 the other way round; times are means over
+    the rounds, and runs of one configuration 25% apart make the report call its speed-ups noise."""
+    import liteattention.demo as demo
+
+    real_sample, order = demo._sample, []
+    seconds = iter([1.0, 0.5, 0.6, 1.25])  # dense, lite | lite, dense
+
+    def timed_sample(model, config, threshold, progress):
+        run, stats, masks = real_sample(model, config, threshold, progress)
+        order.append("dense" if threshold == [-math.inf] else "lite")
+        return demo.RunResult(run.frames, 10.0, next(seconds), run.attention_calls), stats, masks
+
+    monkeypatch.setattr(demo, "_sample", timed_sample)
+    result = run_demo(_config(tmp_path, timing_rounds=2), model=tiny_model, progress=False)
+    assert order == ["dense", "lite", "lite", "dense"]
+    assert (result.dense.attention_seconds, result.lite.attention_seconds) == (1.125, 0.55)
+    assert result.timing_spread == pytest.approx(0.25 / 1.125) and result.timing_is_noise
+    assert "too noisy for these speed-ups to mean much" in format_report(result, {})
+
+
+def test_one_timing_round_says_its_noise_is_unmeasured(tiny_model, tmp_path):
+    result = run_demo(_config(tmp_path, timing_rounds=1), model=tiny_model, progress=False)
+    assert result.timing_spread is None and not result.timing_is_noise
+    assert "one timing round" in format_report(result, {})

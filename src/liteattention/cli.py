@@ -69,6 +69,9 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: RunConfig) -> No
         help="folder with demo_model.safetensors and config.json (default: the bundled weights)",
     )
     parser.add_argument("--out", type=Path, default=defaults.out, help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: 1 on the CPU, torch's default with CUDA)"
+    )
 
 
 def _add_sampling_parser(sub: argparse._SubParsersAction, name: str, help: str, defaults: RunConfig) -> argparse.ArgumentParser:
@@ -91,6 +94,10 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--warmup-steps", type=int, default=None,  # DemoConfig scales its default to --steps
         help="first steps run with threshold -inf (default: 4, at most a fifth of the steps)",
+    )
+    demo.add_argument(
+        "--timing-rounds", type=int, default=defaults.timing_rounds,
+        help="rounds of both runs, in alternating order, that the times are averaged over (default: %(default)s)",
     )
 
 

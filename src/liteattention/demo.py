@@ -41,6 +41,8 @@ MASK_COLUMNS = 20  # ... at up to this many steps (evenly spread, last one inclu
 COND, UNCOND = 0, 1
 BRANCHES = {COND: "cond", UNCOND: "uncond"}
 DENSE_BASELINE = "apply_lite_attention with threshold -inf (same operator and backend, nothing skipped)"
+# Runs of one configuration whose attention times differ by more than this make its speed-up noise.
+NOISY_SPREAD = 0.10
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,16 @@ class RunResult:
             "attention_calls": self.attention_calls,
         }
 
+    @staticmethod
+    def mean(runs: list[RunResult]) -> tuple[RunResult, float | None]:
+        """The first run's video with the mean times of ``runs``, and the spread of their
+        attention times ((max - min) / mean; None for one run)."""
+        seconds = [run.attention_seconds for run in runs]
+        mean = float(np.mean(seconds))
+        spread = (max(seconds) - min(seconds)) / mean if len(runs) > 1 else None
+        total = float(np.mean([run.total_seconds for run in runs]))
+        return RunResult(runs[0].frames, total, mean, runs[0].attention_calls), spread
+
 
 @dataclass(frozen=True)
 class DemoResult:
@@ -75,6 +87,11 @@ class DemoResult:
     psnr: float  # LiteAttention video vs dense video, dB
     ssim: float
     state_bytes: dict[int, int]  # per layer and CFG branch
+    timing_spread: float | None  # the larger spread of the two configurations' runs; None for one round
+
+    @property
+    def timing_is_noise(self) -> bool:
+        return self.timing_spread is not None and self.timing_spread > NOISY_SPREAD
 
     def mean_sparsity(self, branch: int) -> list[float]:
         """Skipped-tile fraction per step, averaged over layers."""
@@ -181,12 +198,20 @@ def run_demo(config: DemoConfig, model: DemoVideoModel | None = None, *, progres
     model = prepare_model(config, model)
     if config.torch_device.type == "cuda":
         _compile_kernels(model, config)
-    if progress:
-        print(f"dense run: {DENSE_BASELINE}", flush=True)
-    dense, _, _ = _sample(model, config, [-math.inf], progress)
-    if progress:
-        print(f"LiteAttention run (threshold {config.threshold:g}, warm-up {config.warmup_steps} steps)", flush=True)
-    lite, sparsity, masks = _sample(model, config, config.schedule(), progress)
+    runs: dict[str, list[RunResult]] = {"dense": [], "lite": []}
+    for round in range(config.timing_rounds):
+        # Alternating order, so that a machine getting busier or quieter weighs on both alike.
+        for kind in ("dense", "lite") if round % 2 == 0 else ("lite", "dense"):
+            if progress:
+                what = f"dense run: {DENSE_BASELINE}" if kind == "dense" else (
+                    f"LiteAttention run (threshold {config.threshold:g}, warm-up {config.warmup_steps} steps)"
+                )
+                print(f"[timing round {round + 1}/{config.timing_rounds}] {what}", flush=True)
+            run, stats, step_masks = _sample(model, config, [-math.inf] if kind == "dense" else config.schedule(), progress)
+            runs[kind].append(run)
+            if kind == "lite" and round == 0:
+                sparsity, masks = stats, step_masks
+    (dense, dense_spread), (lite, lite_spread) = RunResult.mean(runs["dense"]), RunResult.mean(runs["lite"])
     return DemoResult(
         config=config,
         device=str(config.torch_device),
@@ -200,6 +225,7 @@ def run_demo(config: DemoConfig, model: DemoVideoModel | None = None, *, progres
         ssim=video_ssim(dense.frames, lite.frames),
         # The state stores the mask bit-packed, exactly as pack_bits lays it out.
         state_bytes={layer: pack_bits(mask).nbytes for layer, mask in masks[-1].items()},
+        timing_spread=None if dense_spread is None else max(dense_spread, lite_spread),
     )
 
 
@@ -313,6 +339,9 @@ def summary(result: DemoResult) -> dict[str, Any]:
         "lite": result.lite.timings(),
         "attention_speedup": result.dense.attention_seconds / result.lite.attention_seconds,
         "total_speedup": result.dense.total_seconds / result.lite.total_seconds,
+        "timing_rounds": result.config.timing_rounds,
+        "timing_spread": result.timing_spread,
+        "timing_is_noise": result.timing_is_noise,
         "psnr_db": result.psnr,
         "ssim": result.ssim,
         "sparsity_mean_per_step": {name: result.mean_sparsity(b) for b, name in BRANCHES.items()},
@@ -348,6 +377,19 @@ def _bytes(count: int) -> str:
     return f"{count} B" if count < 1024 else f"{count / 1024:.1f} KiB"
 
 
+def _timing_note(result: DemoResult) -> str:
+    rounds = result.config.timing_rounds
+    if result.timing_spread is None:
+        return "  (one timing round: how noisy these times are was not measured)"
+    note = (
+        f"  means of {rounds} rounds in alternating order; runs of one configuration differ by up to "
+        f"{result.timing_spread:.0%}"
+    )
+    if result.timing_is_noise:
+        note += ": too noisy for these speed-ups to mean much (a busy machine?)"
+    return note
+
+
 def format_report(result: DemoResult, files: dict[str, Path]) -> str:
     """The demo's printed report."""
     config = result.config
@@ -372,6 +414,7 @@ def format_report(result: DemoResult, files: dict[str, Path]) -> str:
         _seconds_row(f"attention ({result.lite.attention_calls} calls)", result.dense.attention_seconds,
                      result.lite.attention_seconds),
         _seconds_row("total sampling", result.dense.total_seconds, result.lite.total_seconds),
+        _timing_note(result),
     ]
     per_layer = ", ".join(f"L{layer} {_bytes(count)}" for layer, count in result.state_bytes.items())
     lines += [

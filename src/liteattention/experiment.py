@@ -37,11 +37,16 @@ class RunConfig:
     block_n: int = 64
     weights: Path | None = None  # folder with demo_model.safetensors + config.json; None: bundled
     out: Path = Path("liteattention-out")
+    # Intra-op CPU threads; None: 1 on the CPU, where the tiny model's many small ops only slow
+    # down with more (by 8x with the other core busy), and torch's default with CUDA.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         tokenize([self.prompt])  # raises a ValueError naming the prompt's unknown words
         check_int("steps", self.steps, 1)
         check_int("seed", self.seed, 0)
+        if self.threads is not None:
+            check_int("threads", self.threads, 1)
         if not self.guidance_scale >= 1.0:
             raise ValueError(f"guidance_scale: expected a float >= 1.0, got {self.guidance_scale!r}")
         check_block_sizes(self.block_m, self.block_n)
@@ -85,6 +90,9 @@ class DemoConfig(RunConfig):
     threshold: float = DEFAULT_THRESHOLD
     warmup_steps: int | None = None  # None: DEFAULT_WARMUP_STEPS, at most a fifth of the steps
     out: Path = Path("liteattention-demo")
+    # Timing rounds: each samples both videos, in alternating order (dense first, then LiteAttention
+    # first), so that both see the same machine; times are means over the rounds.
+    timing_rounds: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +103,7 @@ class DemoConfig(RunConfig):
             default = min(DEFAULT_WARMUP_STEPS, self.steps * DEFAULT_WARMUP_STEPS // DEFAULT_STEPS)
             object.__setattr__(self, "warmup_steps", default)
         check_int("warmup_steps", self.warmup_steps, 0, self.steps)
+        check_int("timing_rounds", self.timing_rounds, 1)
 
     def schedule(self) -> list[float]:
         """LiteAttention's threshold at each step: -inf during the warm-up, then ``threshold``."""
@@ -158,7 +167,9 @@ def backend_name(device: torch.device) -> str:
 
 def prepare_model(config: RunConfig, model: DemoVideoModel | None) -> DemoVideoModel:
     """``model`` (or the demo model from ``config.weights``, default bundled) on the configured
-    device and dtype, in eval mode."""
+    device and dtype, in eval mode; sets the configured CPU thread count."""
+    if config.threads is not None or config.torch_device.type == "cpu":
+        torch.set_num_threads(config.threads or 1)
     if model is None:
         from .models import load_demo_model
 
