@@ -181,6 +181,22 @@ class SkipState:
             history_size=history_size,
         )
 
+    @classmethod
+    def from_bits(
+        cls, bits: torch.Tensor, seq_q: int, seq_k: int, head_dim: int, dtype: torch.dtype, block_m: int, block_n: int
+    ) -> "SkipState":
+        """A state whose mask is ``bits`` itself (int32 (B, H, Qt, ceil(Kt / 32)), not copied): calls
+        through it mark ``bits`` in place. For callers that keep the mask tensor themselves (the
+        registered torch op, the diffusers integration); ``bits`` must fit the geometry."""
+        batch, heads = bits.shape[:2]
+        state = cls(batch, heads, seq_q, seq_k, head_dim, dtype=dtype, device="meta", block_m=block_m, block_n=block_n)
+        g = state.geometry
+        expected = (batch, heads, g.q_tiles, g.words)
+        if bits.dtype != torch.int32 or tuple(bits.shape) != expected:
+            raise ValueError(f"bits must be an int32 tensor of shape {expected}, got {bits.dtype} {tuple(bits.shape)}")
+        state.bits, state.device = bits, bits.device
+        return state
+
     @property
     def total_tiles(self) -> int:
         return self.batch * self.heads * self.geometry.q_tiles * self.geometry.k_tiles
