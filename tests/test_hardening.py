@@ -192,7 +192,10 @@ def wan():
     return build("wan")
 
 
-def test_stats_survive_a_state_rebuilt_mid_generation(wan):
+def test_stats_survive_new_shapes_mid_generation(wan):
+    """Inputs that change mid-generation keep the stats of the earlier steps. A layer's mask follows its
+    tile grid: a new dtype keeps it (marks go on accumulating); new lengths (a frame more) rebuild it,
+    with a warning, and the rebuilt step starts from an empty mask."""
     from test_integration_diffusers import BLOCK, forward
 
     from liteattention.integrations import apply_lite_attention
@@ -203,12 +206,21 @@ def test_stats_survive_a_state_rebuilt_mid_generation(wan):
     forward(model, inputs, 800.0)
     before = handle.stats()[0]
     assert before[0][1] > 0.0
-    model.to(torch.float64)  # new inputs dtype: every layer rebuilds its state
-    with pytest.warns(UserWarning, match="rebuilding the skip state"):
-        forward(model, {key: val.double() for key, val in inputs.items()}, 600.0)
+    model.to(torch.float64)
+    inputs = {key: val.double() for key, val in inputs.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the masks still fit: nothing rebuilt
+        forward(model, inputs, 600.0)
     after = handle.stats()[0]
     for layer, row in after.items():
-        assert row[:2] == before[layer] and row[2] == 0.0
+        assert row[:2] == before[layer] and row[2] >= row[1]
+    longer = {**inputs, "hidden_states": torch.randn(1, 4, 3, 16, 16, dtype=torch.float64)}  # 192 tokens
+    with pytest.warns(UserWarning, match="rebuilding the skip state"):
+        forward(model, longer, 400.0)
+    final = handle.stats()[0]
+    for layer, row in final.items():
+        assert row[:3] == after[layer] and row[3] == 0.0
+    assert all(mask.shape[-2:] == (12, 12) for mask in handle.masks().values())
 
 
 @pytest.mark.parametrize("timestep", [None, "abc", torch.zeros(0)])
@@ -221,6 +233,34 @@ def test_bad_timestep_is_named(wan, timestep):
     apply_lite_attention(model, 0.0, block_m=BLOCK, block_n=BLOCK)
     with pytest.raises(TypeError, match="timestep: expected a number or a tensor of numbers"):
         model(**inputs, timestep=timestep)
+
+
+def test_missing_timestep_is_named(wan):
+    from test_integration_diffusers import BLOCK
+
+    from liteattention.integrations import apply_lite_attention
+
+    model, inputs = wan
+    apply_lite_attention(model, 0.0, block_m=BLOCK, block_n=BLOCK)
+    with pytest.raises(TypeError, match=r"timestep: expected a number or a tensor of numbers .*, got None"):
+        model(**inputs)
+
+
+def test_layer_stats_keep_the_last_history_size_steps(wan, monkeypatch):
+    import liteattention.integrations.diffusers as integration
+    from test_integration_diffusers import BLOCK, forward
+
+    monkeypatch.setattr(integration, "HISTORY_SIZE", 3)
+    model, inputs = wan
+    handle = integration.apply_lite_attention(model, 0.0, block_m=BLOCK, block_n=BLOCK)
+    for timestep in (999.0, 900.0, 800.0, 700.0):
+        forward(model, inputs, timestep)
+    handle.stats()  # files the live step's counts too
+    forward(model, inputs, 600.0)
+    rows = handle.stats()[0]
+    assert all(len(steps) <= 3 for steps in handle._records.values())
+    for row in rows.values():
+        assert len(row) == 5 and all(math.isnan(x) for x in row[:2]) and not any(math.isnan(x) for x in row[2:])
 
 
 # --------------------------------------------------------------------------------------------------

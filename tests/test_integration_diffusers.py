@@ -18,7 +18,7 @@ from diffusers import (
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from liteattention.integrations import apply_lite_attention
-from liteattention.integrations.diffusers import _valid_key_prefix
+from liteattention.integrations.diffusers import _trampolines, _valid_key_prefix
 
 BLOCK = 16  # tile size: 128 video tokens make 8 x 8 tiles
 TEXT = 16  # text tokens per prompt
@@ -247,18 +247,30 @@ def test_unsupported_model_or_double_application_raises() -> None:
         apply_lite_attention(model)
 
 
-def test_patched_global_is_restored_after_calls_and_errors() -> None:
+def test_patched_global_passes_other_calls_through_and_is_restored_on_remove() -> None:
     model, inputs = build("wan")
+    other, _ = build("wan", seed=1)
     module = sys.modules[type(model.blocks[0].attn1.processor).__call__.__module__]
+    before = module.dispatch_attention_fn  # a trampoline already if other tests left handles applied
 
     def failing(step: int) -> float:
         raise RuntimeError("schedule failed")
 
     handle = apply_lite_attention(model, layers={0: -10.0, 1: failing}, block_m=BLOCK, block_n=BLOCK)
+    second = apply_lite_attention(other, block_m=BLOCK, block_n=BLOCK)
     with pytest.raises(RuntimeError, match="schedule failed"):
         forward(model, inputs, TIMESTEPS[0])
-    assert module.dispatch_attention_fn is dispatch_attention_fn
+    # While applied, the module's global is a trampoline that answers any call not made by a patched
+    # processor exactly as the original does.
+    q, k, v = (torch.randn(1, 8, 2, 4) for _ in range(3))
+    assert module.dispatch_attention_fn is not dispatch_attention_fn
+    assert torch.equal(module.dispatch_attention_fn(q, k, v), dispatch_attention_fn(q, k, v))
     handle.remove()
+    assert module.dispatch_attention_fn is not dispatch_attention_fn  # the other handle still needs it
+    second.remove()
+    assert module.dispatch_attention_fn is before
+    if not _trampolines:  # no handle left anywhere: the original function itself
+        assert module.dispatch_attention_fn is dispatch_attention_fn
 
 
 def test_a_mask_that_is_not_a_shared_padding_tail_runs_dense_with_one_warning() -> None:

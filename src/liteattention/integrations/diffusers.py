@@ -3,8 +3,9 @@
 ``apply_lite_attention(transformer, threshold)`` replaces the self-attention processor of every
 transformer block with a thin wrapper: the wrapper runs the model's own processor (projections, norms,
 RoPE, output split all stay the model's code) and intercepts only its attention call, which it routes to
-a :class:`~liteattention.LiteAttention` holding that layer's skip mask. Cross-attention (text -> video)
-and the text-only token refiner of HunyuanVideo stay dense and untouched.
+the registered op ``torch.ops.liteattention.attention`` (:mod:`liteattention.ops`) with that layer's skip
+mask. Cross-attention (text -> video) and the text-only token refiner of HunyuanVideo stay dense and
+untouched.
 
 Supported: ``WanTransformer3DModel``, ``LTXVideoTransformer3DModel``,
 ``HunyuanVideoTransformer3DModel`` and ``CogVideoXTransformer3DModel``.
@@ -16,43 +17,75 @@ keys are passed as ``must_do``, so only video-to-video tiles can be skipped.
 Attention masks are honoured, never dropped. A key-padding mask that hides a contiguous tail of keys,
 identically for the whole batch (HunyuanVideo's text padding), is applied by leaving those keys out of
 the call (exact; they are never computed). Any other mask, and any call with dropout, causal masking,
-GQA, context parallelism or extra attention kwargs, runs the model's own attention function for that
-call, with a one-time warning per reason.
+GQA or extra attention kwargs, runs the model's own attention function for that call, with a one-time
+warning per reason.
 
-Step and branch rules. The threshold schedule is indexed by the denoising step, derived from the
-``timestep`` each forward call of the transformer receives (per-token timesteps, as in Wan 2.2 TI2V,
-are reduced to their maximum):
+Step and branch rules. The threshold schedule is indexed by the denoising step; each classifier-free-
+guidance branch keeps its own mask per layer. Two sources tell the step and the branch, the first that
+applies wins:
 
-* The step index is the number of distinct timesteps seen before the current one since the generation
-  started, so the first step is 0. It is counted per transformer (each expert of Wan 2.2 A14B counts
-  its own steps).
-* A call with the same timestep as the previous call is the next classifier-free-guidance branch of
-  the same step: the k-th call at a timestep is branch k (pipelines call cond first, then uncond), and
-  every branch has its own LiteAttention, hence its own mask, per layer. A CFG batch doubled into one
-  call needs nothing: the mask is per batch element.
-* A lower timestep starts the next step at branch 0.
-* A higher timestep starts a new generation (this includes a repeat of the first timestep once steps
-  have passed, since schedules decrease): every mask is emptied, the stats are cleared and the step
-  index restarts at 0. ``handle.reset()`` does the same explicitly; call it between generations that
-  cannot be told apart this way (e.g. single-step ones).
+1. The pipeline's cache context (diffusers pipelines wrap every transformer call in
+   ``transformer.cache_context(name, step_index=i, ...)``): the branch is the context's name
+   (``"cond"`` is branch 0, ``"uncond"`` branch 1: names are numbered in the order they first appear in
+   a generation; a CFG batch doubled into one call, ``"cond_uncond"``, is one branch: the mask is per
+   batch element), the step is its ``step_index`` (without one, the number of earlier calls under that
+   name). A new generation starts after the pipeline resets its hooks at the end of a call
+   (``maybe_free_model_hooks``), or when ``step_index`` goes back. This is read outside the transformer's
+   code, so it costs a compiled transformer nothing.
+2. Bare transformer calls (no cache context): the ``timestep`` the transformer receives (per-token
+   timesteps, as in Wan 2.2 TI2V, are reduced to their maximum).
+
+   * The step index is the number of distinct timesteps seen before the current one since the generation
+     started, so the first step is 0. It is counted per transformer (each expert of Wan 2.2 A14B counts
+     its own steps).
+   * A call with the same timestep as the previous call is the next CFG branch of the same step: the k-th
+     call at a timestep is branch k (pipelines call cond first, then uncond).
+   * A lower timestep starts the next step at branch 0.
+   * A higher timestep starts a new generation (this includes a repeat of the first timestep once steps
+     have passed, since schedules decrease).
+
+   Reading the timestep's value needs the host: when the whole transformer is compiled, this rule runs
+   inside a registered op (``liteattention::timestep_clock``), at run time, so it neither breaks the
+   graph nor recompiles it.
+
+A new generation empties every mask, clears the stats and restarts the step index at 0.
+``handle.reset()`` does the same explicitly; call it between generations that cannot be told apart
+(e.g. bare single-step calls).
+
+torch.compile. The attention call is one opaque op node; the per-layer mask, tile counters and threshold
+are tensors the processors hold, inputs of the graph, so the same compiled code serves every layer
+(``compile_repeated_blocks``) and every step: nothing the compiler specialises on changes from call to
+call. The step and branch bookkeeping runs outside the graph (cache context, forward pre-hook under
+regional compilation) or inside the timestep op. A branch switch swaps the branch's masks into the live
+tensors in place (a device copy of the packed masks, about 0.6 MiB per layer for Wan2.1-1.3B at 480p).
+
+Context parallelism (diffusers' ``enable_parallelism(config=ContextParallelConfig(...))``, Wan and LTX:
+the models that have a context-parallel plan in diffusers 0.42). diffusers calls a backend's forward op once
+per key/value shard and merges the shards' outputs by their LSE; LiteAttention passes its own forward op,
+which gives every shard call its own mask: Ulysses (all-to-all over heads) makes one call over the whole
+sequence for this rank's heads, so its masks are the single-device masks of those heads; ring attention
+makes one call per key/value shard, so the masks are per (query shard, key/value shard), and the marking
+rule's running maximum restarts at each shard (see the README's semantics).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
 import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXTransformer3DModel
@@ -64,9 +97,9 @@ from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor,
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanTransformer3DModel
 from torch.overrides import TorchFunctionMode
 
-from ..attention import LiteAttention
-from ..state import SkipState
-from ..schedule import ThresholdLike
+from .. import ops
+from ..schedule import ThresholdLike, ThresholdSchedule
+from ..state import HISTORY_SIZE, WORD_BITS, check_block_sizes, default_block_sizes, unpack_bits
 
 __all__ = ["LiteAttentionHandle", "LiteAttentionProcessor", "apply_lite_attention"]
 
@@ -76,119 +109,117 @@ AttentionWrapper = Callable[..., torch.Tensor]
 LayerSelection = Iterable[int] | Mapping[int, ThresholdLike] | Callable[[int], ThresholdLike | None]
 """Which self-attention layers to patch, optionally with a threshold each (see ``apply_lite_attention``)."""
 
-# (q, k, v, attn_mask, scale, plain) -> output, or None to run the original function. q, k, v and the
-# output are (B, S, H, D); ``plain`` is False for calls with dropout, causal masking, GQA, context
-# parallelism or extra attention kwargs.
-_Attend = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float | None, bool], torch.Tensor | None
-]
+_HOOK_NAME = "liteattention"
 
 
 # --------------------------------------------------------------------------------------------------
 # Interception of the processors' attention call
 # --------------------------------------------------------------------------------------------------
 
-# The attention hook of the processor call in flight in this thread/context (None: pass through).
-_ACTIVE: ContextVar[Callable[..., torch.Tensor] | None] = ContextVar("liteattention_active", default=None)
-_patch_lock = threading.Lock()
-_patch_depth: dict[str, int] = {}  # module name -> processor calls in flight that need its trampoline
-_patch_original: dict[str, Callable[..., torch.Tensor]] = {}
+
+class _LiteBackend:
+    """Stands in for the attention backend of the processor copy a LiteAttentionProcessor runs: the
+    dispatch trampoline recognises it and hands the call to ``processor``; ``backend`` is the backend
+    the model's processor had (used for the calls LiteAttention declines)."""
+
+    __slots__ = ("backend", "processor")
+
+    def __init__(self, processor: LiteAttentionProcessor, backend: Any) -> None:
+        self.processor, self.backend = processor, backend
 
 
-@contextmanager
-def _rebind_dispatch(module_name: str, hook: Callable[..., torch.Tensor]) -> Iterator[None]:
-    """Route this context's ``dispatch_attention_fn`` calls in ``module_name`` to ``hook``.
+def _dispatch_call(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+    attention_kwargs=None, *, backend=None, parallel_config=None,
+):
+    """The arguments of ``dispatch_attention_fn`` that matter here; ``plain`` is False for calls with
+    dropout, causal masking, GQA or extra attention kwargs."""
+    plain = dropout_p == 0.0 and not is_causal and not enable_gqa and not attention_kwargs
+    return query, key, value, attn_mask, scale, plain, parallel_config
 
-    The Wan/LTX/HunyuanVideo processors look ``dispatch_attention_fn`` up in their module's globals at
-    call time, and diffusers' backend registry is keyed by a closed enum (no custom backend can be
-    registered), so rebinding that global for the duration of the call is the one hook short of copying
-    the processors. The rebinding is reference-counted under a lock, so concurrent calls share one
-    trampoline and the last one out restores the original; the trampoline reads a ContextVar, so other
-    threads and every other caller in the module go straight to the original function.
-    """
-    module = sys.modules[module_name]
-    with _patch_lock:
-        if _patch_depth.get(module_name, 0) == 0:
-            original = _patch_original[module_name] = module.dispatch_attention_fn
-            module.dispatch_attention_fn = _trampoline(original)
-        _patch_depth[module_name] = _patch_depth.get(module_name, 0) + 1
-    token = _ACTIVE.set(hook)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-        with _patch_lock:
-            _patch_depth[module_name] -= 1
-            if _patch_depth[module_name] == 0:
-                module.dispatch_attention_fn = _patch_original.pop(module_name)
+
+def _sdpa_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """The arguments of ``F.scaled_dot_product_attention``, q, k, v as (B, S, H, D)."""
+    plain = dropout_p == 0.0 and not is_causal and not enable_gqa
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    return q, k, v, attn_mask, scale, plain, None
+
+
+# Module name -> (its original dispatch_attention_fn, number of handles that need the trampoline).
+_trampolines: dict[str, tuple[Callable[..., torch.Tensor], int]] = {}
+_trampoline_lock = threading.Lock()
 
 
 def _trampoline(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     @functools.wraps(original)
     def dispatch_attention_fn(*args: Any, **kwargs: Any) -> torch.Tensor:
-        hook = _ACTIVE.get()
-        return original(*args, **kwargs) if hook is None else hook(original, *args, **kwargs)
+        marker = kwargs.get("backend")
+        if type(marker) is _LiteBackend:
+            kwargs["backend"] = marker.backend
+            return marker.processor._dispatch(original, *args, **kwargs)
+        return original(*args, **kwargs)
 
     return dispatch_attention_fn
 
 
+def _install_trampoline(module_name: str) -> None:
+    """Route ``dispatch_attention_fn`` of ``module_name`` through the trampoline while a handle needs it.
+
+    The Wan/LTX/HunyuanVideo processors look ``dispatch_attention_fn`` up in their module's globals at
+    call time, and diffusers' backend registry is keyed by a closed enum (no custom backend can be
+    registered), so that global is the one hook short of copying the processors. It is rebound once per
+    module while any handle is applied (not per call: no lock or context manager in the traced code);
+    the trampoline passes every call whose backend is not LiteAttention's marker straight through, so the
+    model's other attention calls (cross-attention, unpatched layers, other models) are unaffected.
+    """
+    module = sys.modules[module_name]
+    with _trampoline_lock:
+        original, users = _trampolines.get(module_name, (module.dispatch_attention_fn, 0))
+        if users == 0:
+            module.dispatch_attention_fn = _trampoline(original)
+        _trampolines[module_name] = (original, users + 1)
+
+
+def _remove_trampoline(module_name: str) -> None:
+    with _trampoline_lock:
+        original, users = _trampolines[module_name]
+        if users == 1:
+            sys.modules[module_name].dispatch_attention_fn = original
+            del _trampolines[module_name]
+        else:
+            _trampolines[module_name] = (original, users - 1)
+
+
 class _SDPAMode(TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` to ``hook`` inside a ``with`` block.
+    """Routes ``F.scaled_dot_product_attention`` to ``processor`` inside a ``with`` block.
 
     CogVideoX's processor calls torch's SDPA directly; a torch-function mode is torch's own
     thread-local, scoped hook for that, so nothing global (``torch.nn.functional``) is rebound.
     """
 
-    def __init__(self, hook: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, processor: LiteAttentionProcessor) -> None:
         super().__init__()
-        self._hook = hook
+        self._processor = processor
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            return self._hook(func, *args, **kwargs)
+            out = self._processor._attend(*_sdpa_call(*args, **kwargs))
+            if out is not None:
+                return out.transpose(1, 2)
         return func(*args, **kwargs)
-
-
-def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """Signature of ``F.scaled_dot_product_attention`` (a builtin, which ``inspect`` cannot read)."""
 
 
 @dataclass(frozen=True)
 class _Site:
-    """An attention function the model's processors call, and how to intercept it."""
+    """How the model's processors call attention: through ``dispatch_attention_fn`` (rebound in their
+    module) or through torch's SDPA (a torch-function mode per call)."""
 
-    signature: inspect.Signature
-    heads_first: bool  # (B, H, S, D) like SDPA; else (B, S, H, D) like dispatch_attention_fn and LiteAttention
-    intercept: Callable[[type, Callable[..., torch.Tensor]], AbstractContextManager[None]]
-
-    def call(self, attend: _Attend, original: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Run an intercepted call through ``attend``, or ``original`` where ``attend`` declines (None)."""
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        rest = dict(bound.arguments)
-        q, k, v, mask, scale = (rest.pop(name) for name in ("query", "key", "value", "attn_mask", "scale"))
-        rest.pop("backend", None)  # the backend is what LiteAttention replaces
-        plain = all(value == self.signature.parameters[name].default for name, value in rest.items())
-        if self.heads_first:
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = attend(q, k, v, mask, scale, plain)
-        if out is None:
-            return original(*args, **kwargs)
-        return out.transpose(1, 2) if self.heads_first else out
+    dispatch: bool
 
 
-def _intercept_dispatch(processor_type: type, hook: Callable[..., torch.Tensor]) -> AbstractContextManager[None]:
-    # The module whose globals the processor's __call__ reads (not type.__module__: a subclass may live elsewhere).
-    return _rebind_dispatch(processor_type.__call__.__module__, hook)
-
-
-def _intercept_sdpa(processor_type: type, hook: Callable[..., torch.Tensor]) -> AbstractContextManager[None]:
-    return _SDPAMode(hook)
-
-
-_DISPATCH = _Site(inspect.signature(dispatch_attention_fn), False, _intercept_dispatch)
-_SDPA = _Site(inspect.signature(_sdpa), True, _intercept_sdpa)
+_DISPATCH = _Site(dispatch=True)
+_SDPA = _Site(dispatch=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,14 +289,31 @@ def _valid_key_prefix(mask: torch.Tensor, batch: int, heads: int, seq_q: int, se
 
 
 # --------------------------------------------------------------------------------------------------
-# Processor wrapper and handle
+# Processor wrapper
 # --------------------------------------------------------------------------------------------------
 
 
 def _forward_to_original(name: str) -> property:
     # diffusers configures processors by setting these attributes (set_attention_backend,
-    # enable_parallelism); they belong to the original processor, which runs the dense paths.
-    return property(lambda self: getattr(self.original, name), lambda self, value: setattr(self.original, name, value))
+    # enable_parallelism); they belong to the original processor, which runs the dense paths, and to
+    # the copy LiteAttention runs.
+    def set_(self: LiteAttentionProcessor, value: Any) -> None:
+        setattr(self.original, name, value)
+        self._sync_inner()
+
+    return property(lambda self: getattr(self.original, name), set_)
+
+
+@dataclass
+class _Live:
+    """The tensors one layer's attention op reads and marks: the live branch's masks (one per
+    key/value shard call: one without ring attention), the tile counters of the current call and the
+    current threshold (a CPU scalar: the op reads it on the host, without a device sync)."""
+
+    bits: list[torch.Tensor] = field(default_factory=list)
+    geometry: list[tuple[int, int, int, int]] = field(default_factory=list)  # (Sq, Sk, block_m, block_n)
+    counts: torch.Tensor | None = None
+    threshold: torch.Tensor = field(default_factory=lambda: torch.tensor(-math.inf, dtype=torch.float64))
 
 
 class LiteAttentionProcessor:
@@ -282,31 +330,62 @@ class LiteAttentionProcessor:
         self.layer = layer
         self._handle = handle
         self._spec = spec
-        self._signature = inspect.signature(original.__call__)
+        self._tiles = handle._tiles
+        self.live = _Live()
+        self._ring: tuple[int, int] | None = None  # (this rank's ring position, ring size) under ring attention
+        parameters = list(inspect.signature(original.__call__).parameters)  # bound: attn first
+        self._text_position = parameters.index("encoder_hidden_states") - 1 if "encoder_hidden_states" in parameters else 1 << 30
+        self._text_tokens = 0
+        self.inner = None
+        self._sync_inner()
+
+    def _sync_inner(self) -> None:
+        """The copy of the original processor whose dispatch calls come to us (dispatch sites only)."""
+        if self._spec.site.dispatch:
+            inner = self.inner if self.inner is not None else type(self.original).__new__(type(self.original))
+            inner.__dict__.update(self.original.__dict__)
+            inner._attention_backend = _LiteBackend(self, getattr(self.original, "_attention_backend", None))
+            self.inner = inner
 
     def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if not self._handle.enabled:
+        if not self._handle._enabled:
             return self.original(attn, *args, **kwargs)
         # Joint attention: the processor concatenates these text tokens with the video tokens.
-        text = self._signature.bind(attn, *args, **kwargs).arguments.get("encoder_hidden_states")
-        attend = functools.partial(self._attend, 0 if text is None else text.shape[1])
-        site = self._spec.site
-        with site.intercept(type(self.original), functools.partial(site.call, attend)):
+        if "encoder_hidden_states" in kwargs:
+            text = kwargs["encoder_hidden_states"]
+        else:
+            text = args[self._text_position] if len(args) > self._text_position else None
+        self._text_tokens = 0 if text is None else text.shape[1]
+        if self._spec.site.dispatch:
+            return self.inner(attn, *args, **kwargs)
+        with _SDPAMode(self):
             return self.original(attn, *args, **kwargs)
+
+    def _dispatch(self, original: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self._attend(*_dispatch_call(*args, **kwargs))
+        return original(*args, **kwargs) if out is None else out
 
     def _attend(
         self,
-        text_tokens: int,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         mask: torch.Tensor | None,
         scale: float | None,
         plain: bool,
+        parallel: Any,
     ) -> torch.Tensor | None:
+        """LiteAttention's answer to one intercepted call (q, k, v: (B, S, H, D)), or None to let the
+        model's own attention function answer it."""
         if not plain:
-            self._handle._decline("dropout, causal masking, GQA, context parallelism or attention kwargs")
+            self._handle._decline("dropout, causal masking, GQA or attention kwargs")
             return None
+        context_parallel = None if parallel is None else parallel.context_parallel_config
+        if context_parallel is not None and context_parallel._world_size > 1:
+            if mask is not None:
+                self._handle._decline("an attention mask under context parallelism")
+                return None
+            return self._context_parallel(q, k, v, scale, parallel)
         batch, seq_q, heads, _ = q.shape
         seq_k = k.shape[1]
         valid = seq_k if mask is None else _valid_key_prefix(mask, batch, heads, seq_q, seq_k)
@@ -314,13 +393,97 @@ class LiteAttentionProcessor:
             self._handle._decline("an attention mask other than a batch-uniform key-padding mask hiding a tail of keys")
             return None
         must_do = None
+        text_tokens = self._text_tokens
         if text_tokens:  # the text keys that are not padding
             start = 0 if self._spec.text_first else seq_k - text_tokens
             end = min(start + text_tokens, valid)
             must_do = (start, end) if end > start else None
-        # Padding keys are dropped rather than passed as must_skip: must_skip only skips whole
-        # k-tiles, so a padding tail that starts inside a tile would still be attended to.
-        return self._handle._run(self.layer, q, k[:, :valid], v[:, :valid], scale=scale, must_do=must_do)
+        if valid < seq_k:
+            # Padding keys are dropped rather than passed as must_skip: must_skip only skips whole
+            # k-tiles, so a padding tail that starts inside a tile would still be attended to.
+            k, v = k[:, :valid], v[:, :valid]
+        if self._handle._interceptors:
+            return self._handle._run(self.layer, q, k, v, scale=scale, must_do=must_do)
+        return self._run_lite(q, k, v, scale=scale, must_do=must_do)[0]
+
+    def _run_lite(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        must_do: tuple[int, int] | None = None,
+        shard: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The op on this layer's live mask number ``shard``; (output, LSE (B, H, Sq))."""
+        live = self.live
+        batch, seq_q, heads, head_dim = q.shape
+        seq_k = k.shape[1]
+        default_m, default_n = default_block_sizes(head_dim)
+        block_m = self._tiles[0] or default_m
+        block_n = self._tiles[1] or default_n
+        geometry = (seq_q, seq_k, block_m, block_n)
+        shape = (batch, heads, -(-seq_q // block_m), -(-(-(-seq_k // block_n)) // WORD_BITS))
+        # A first call, or new shapes: a fresh mask (shapes are static to the compiler, so this runs
+        # while tracing, once per shape).
+        if shard == len(live.bits):
+            live.bits.append(torch.zeros(shape, dtype=torch.int32, device=q.device))
+            live.geometry.append(geometry)
+        elif live.geometry[shard] != geometry or live.bits[shard].shape != shape or live.bits[shard].device != q.device:
+            old = live.bits[shard]
+            if not torch.compiler.is_compiling() and (self._handle._live[0], self.layer) in self._handle._records:
+                # Mid-generation (the layer has run at an earlier step): say that its marks are lost.
+                # The stats keep the steps before. Not while tracing: what the handle has recorded
+                # would become a guard of the graph.
+                warnings.warn(
+                    "LiteAttention: rebuilding the skip state, state was built for batch, heads "
+                    f"{tuple(old.shape[:2])}, seq_q, seq_k {live.geometry[shard][:2]} on {old.device} (inputs have "
+                    f"{(batch, heads)}, {(seq_q, seq_k)} on {q.device})",
+                    stacklevel=2,
+                )
+            live.bits[shard] = torch.zeros(shape, dtype=torch.int32, device=q.device)
+            live.geometry[shard] = geometry
+        if live.counts is None:
+            live.counts = torch.zeros(ops.COUNTS, dtype=torch.int64, device=q.device)
+        elif live.counts.device != q.device:
+            live.counts = live.counts.to(q.device)  # the counts of the current step so far, kept
+        ranges = [] if must_do is None else [must_do[0], must_do[1]]
+        return torch.ops.liteattention.attention(
+            q, k, v, live.bits[shard], live.counts, live.threshold, ranges, [], scale, block_m, block_n, "auto"
+        )
+
+    def _context_parallel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, parallel: Any):
+        """diffusers' context-parallel attention (Ulysses, ring or both) with LiteAttention as the forward op:
+        the i-th call of one attention call (the i-th key/value shard the ring visits) uses mask i."""
+        from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+
+        config = parallel.context_parallel_config
+        self._ring = (config._ring_local_rank, config.ring_degree) if config.ring_degree > 1 else None
+        calls = itertools.count()
+
+        def forward_op(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
+                       _save_ctx=True, _parallel_config=None):
+            out, lse = self._run_lite(query, key, value, scale=scale, shard=next(calls))
+            return (out, lse.transpose(1, 2)) if return_lse else out  # diffusers' LSE layout: (B, S, H)
+
+        return _templated_context_parallel_attention(
+            q, k, v, None, 0.0, False, scale, False, False,
+            forward_op=forward_op, backward_op=_no_backward, _parallel_config=parallel,
+        )
+
+    def masks(self, bits: list[torch.Tensor]) -> torch.Tensor:
+        """This layer's mask from its per-shard ``bits``: bool (B, H, Qt, Kt); under ring attention, the
+        key/value shards' k-tiles side by side in key order (this rank's query rows of the full matrix)."""
+        parts = [unpack_bits(b, -(-g[1] // g[3])) for b, g in zip(bits, self.live.geometry, strict=True)]
+        if self._ring is not None and len(parts) == self._ring[1]:
+            rank, size = self._ring  # the ring visits shard (rank + i) % size at call i
+            parts = [parts[(j - rank) % size] for j in range(size)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def _no_backward(*args: Any, **kwargs: Any) -> None:
+    raise NotImplementedError("LiteAttention is forward-only (inference)")
 
 
 @functools.cache
@@ -338,25 +501,127 @@ def _processor_type(original_type: type) -> type[LiteAttentionProcessor]:
     return type(f"Lite{original_type.__name__}", (LiteAttentionProcessor,), {"__call__": __call__})
 
 
+# --------------------------------------------------------------------------------------------------
+# Step and branch tracking, and the handle
+# --------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class _Clock:
-    """Denoising step and CFG branch, derived from the timesteps the transformer receives."""
+    """Denoising step and CFG branch of the current transformer call."""
 
     step: int = 0
     branch: int = 0
-    last: float | None = None
+    last: float | None = None  # timestep of the previous bare call
+    names: dict[str, int] = field(default_factory=dict)  # cache-context name -> branch
+    entries: dict[str, int] = field(default_factory=dict)  # cache-context name -> calls under it
+    started: bool = False  # a call has been seen in this generation
+    ended: bool = False  # the pipeline reset its hooks: the next call starts a new generation
 
     def tick(self, timestep: float) -> bool:
-        """Advance to ``timestep``; returns True when it starts a new generation."""
-        new = self.last is None or timestep > self.last
+        """Advance to a bare call at ``timestep``; returns True when it starts a new generation."""
+        new = self.ended or self.last is None or timestep > self.last
         if new:
-            self.step = self.branch = 0
+            self._restart()
         elif timestep == self.last:
             self.branch += 1
         else:
             self.step, self.branch = self.step + 1, 0
         self.last = timestep
         return new
+
+    def enter(self, name: str, step_index: int | None) -> bool:
+        """Advance to a call under the cache context ``name``; returns True when it starts a new generation."""
+        step = self.entries.get(name, 0) if step_index is None else step_index
+        new = self.ended or not self.started or step < self.step
+        if new:
+            self._restart()
+            step = 0 if step_index is None else step_index
+        self.branch = self.names.setdefault(name, len(self.names))
+        self.entries[name] = self.entries.get(name, 0) + 1
+        self.step = step
+        self.last = None
+        return new
+
+    def _restart(self) -> None:
+        self.step = self.branch = 0
+        self.names.clear()
+        self.entries.clear()
+        self.started, self.ended = True, False
+
+
+class _ContextWatcher(StateManager):
+    """Learns of the pipeline's ``transformer.cache_context(...)`` (diffusers sets the context on the
+    state managers of the stateful hooks registered on the model)."""
+
+    def __init__(self, handle: LiteAttentionHandle) -> None:
+        super().__init__(BaseState)
+        self._handle = weakref.ref(handle)
+
+    def set_context(self, context: Any) -> None:
+        super().set_context(context)
+        handle = self._handle()
+        if handle is not None:
+            handle._on_context(context)
+
+
+class _StepHook(ModelHook):
+    """Registered on the transformer so that pipelines' cache contexts and hook resets reach the handle."""
+
+    _is_stateful = True
+
+    def __init__(self, handle: LiteAttentionHandle) -> None:
+        super().__init__()
+        self.contexts = _ContextWatcher(handle)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        # Pipelines reset their hooks at the end of each call: the next call is a new generation.
+        # The masks and stats stay readable until then.
+        handle = self.contexts._handle()
+        if handle is not None:
+            handle._clock.ended = True
+        return module
+
+
+def _timestep_tensor(timestep: Any) -> torch.Tensor:
+    """``timestep`` (a number, or a tensor, array or list of numbers) as a tensor, or a TypeError naming
+    it (missing, None, a string, an empty tensor...). Types and sizes only, known while the compiler
+    traces the call, so the check costs no graph break; the value is read later."""
+    if isinstance(timestep, torch.Tensor):
+        tensor = timestep
+    elif timestep is None or isinstance(timestep, (str, bytes)):
+        tensor = None
+    elif torch.compiler.is_compiling():
+        tensor = torch.as_tensor(timestep)  # a number or a list of numbers: a constant of the graph
+    else:
+        try:
+            tensor = torch.as_tensor(timestep)
+        except (TypeError, ValueError, RuntimeError):  # an object, a ragged list...
+            tensor = None
+    if tensor is None or tensor.numel() == 0 or tensor.is_complex():
+        raise TypeError(
+            "timestep: expected a number or a tensor of numbers (LiteAttention counts denoising steps from it), "
+            f"got {timestep!r}"
+        )
+    return tensor
+
+
+_HANDLES: weakref.WeakValueDictionary[int, LiteAttentionHandle] = weakref.WeakValueDictionary()
+_handle_ids = itertools.count()
+
+
+@torch.library.custom_op("liteattention::timestep_clock", mutates_args=("bits", "counts", "thresholds"))
+def _timestep_clock(
+    timestep: torch.Tensor, handle: int, bits: list[torch.Tensor], counts: list[torch.Tensor], thresholds: list[torch.Tensor]
+) -> None:
+    """The timestep rule for a bare call of a compiled transformer, at run time: advances the clock of
+    handle ``handle`` and updates its layers' live tensors (given in the order of ``_live_tensors``)."""
+    _HANDLES[handle]._tick(float(timestep.max()), bits, counts, thresholds)
+
+
+@_timestep_clock.register_fake
+def _(timestep, handle, bits, counts, thresholds) -> None:
+    return None
 
 
 class LiteAttentionHandle:
@@ -379,19 +644,36 @@ class LiteAttentionHandle:
         """Qualified names of all self-attention layers of the model; a layer's index is its id."""
         self.layers: tuple[int, ...] = tuple(thresholds)
         """Ids of the patched layers."""
-        self._thresholds = thresholds
-        self._tiles = {"block_m": block_m, "block_n": block_n}
+        check_block_sizes(block_m, block_n)
+        self._tiles = (block_m, block_n)
+        self._schedules = {layer: ThresholdSchedule(threshold) for layer, threshold in thresholds.items()}
         self._clock = _Clock()
-        self._clear()  # builds branch 0, which validates the thresholds and tile sizes
         self._enabled = True
+        self._in_context = False  # a pipeline's cache context is active: it drives the clock
         self._warned: set[str] = set()
         self._interceptors: list[AttentionWrapper] = []
+        # The live branch's masks are in the processors; the other branches' wait here.
+        self._live = (0, 0)  # (branch, step) the live tensors belong to
+        self._branches = 1
+        self._stores: dict[int, dict[int, list[torch.Tensor]]] = {}  # branch -> layer -> masks per shard
+        self._records: dict[tuple[int, int], dict[int, torch.Tensor]] = {}  # (branch, layer) -> step -> counts
+        self._processors: dict[int, LiteAttentionProcessor] = {}
         self._installed: list[tuple[torch.nn.Module, LiteAttentionProcessor]] = []
+        self._trampoline_modules: list[str] = []
         for layer in self.layers:
             module = modules[layer][1]
             processor = _processor_type(type(module.processor))(module.processor, self, layer, spec)
+            self._processors[layer] = processor
             self._installed.append((module, processor))
+            if spec.site.dispatch:
+                name = type(module.processor).__call__.__module__  # the globals the processor reads
+                _install_trampoline(name)
+                self._trampoline_modules.append(name)
             module.set_processor(processor)
+        self._id = next(_handle_ids)
+        _HANDLES[self._id] = self
+        self._transformer = weakref.ref(transformer)
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_StepHook(self), _HOOK_NAME)
         self._hook = transformer.register_forward_pre_hook(
             functools.partial(self._on_forward, timestep_index), with_kwargs=True
         )
@@ -422,6 +704,11 @@ class LiteAttentionHandle:
         """Start a new generation: empty masks, no stats, step counting restarts."""
         self._clock = _Clock()
         self._clear()
+        for processor in self._processors.values():
+            for bits in processor.live.bits:
+                bits.zero_()
+            if processor.live.counts is not None:
+                processor.live.counts.zero_()
 
     def remove(self) -> None:
         """Put the original processors back (the same objects) and stop tracking steps. Idempotent."""
@@ -429,28 +716,49 @@ class LiteAttentionHandle:
             if module.processor is processor:  # leave alone a processor the user has set since
                 module.set_processor(processor.original)
         self._installed = []
+        for name in self._trampoline_modules:
+            _remove_trampoline(name)
+        self._trampoline_modules = []
         self._hook.remove()
+        transformer = self._transformer()
+        if transformer is not None and hasattr(transformer, "_diffusers_hook"):
+            transformer._diffusers_hook.remove_hook(_HOOK_NAME, recurse=False)
 
     def stats(self) -> dict[int, dict[int, list[float]]]:
         """Skipped-tile fraction ``{branch: {layer: [sparsity per step]}}`` of the current generation.
 
-        A step at which the layer ran dense (handle disabled, or a dense fallback) holds NaN, and
-        so do steps older than the last ``HISTORY_SIZE`` (1024) calls of a layer's state.
+        A step at which the layer ran dense (handle disabled, or a dense fallback) holds NaN, and so do
+        steps older than a layer's last ``HISTORY_SIZE`` (1024). Under context parallelism: of this rank's
+        share of the tiles.
         """
+        live_branch, live_step = self._live
+        for layer, processor in self._processors.items():
+            if processor.live.counts is not None:
+                self._flush(live_branch, live_step, layer, processor.live.counts)
+        keys = [(key, step) for key, steps in sorted(self._records.items()) for step in steps]
+        if not keys:
+            return {}
+        values = torch.stack([self._records[key][step].cpu() for key, step in keys]).tolist()  # one sync
         out: dict[int, dict[int, list[float]]] = {}
-        for (branch, layer), steps in sorted(self._steps.items()):
-            row = [math.nan] * (self._clock.step + 1)
-            current = _sparsity(steps, self._ops[branch][layer].state)
-            for step, sparsity in {**self._rebuilt.get((branch, layer), {}), **current}.items():
-                row[step] = sparsity
-            out.setdefault(branch, {})[layer] = row
+        for ((branch, layer), step), (computed, _, _, total) in zip(keys, values, strict=True):
+            row = out.setdefault(branch, {}).setdefault(layer, [math.nan] * (self._clock.step + 1))
+            if step < len(row) and total:
+                row[step] = 1.0 - computed / total
         return out
 
     def masks(self, branch: int = 0) -> dict[int, torch.Tensor]:
-        """Skip masks ``{layer: bool (B, H, Qt, Kt)}`` of one CFG branch; True = skipped from now on."""
-        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < len(self._ops):
-            raise ValueError(f"branch: expected an int in [0, {len(self._ops)}), got {branch!r}")
-        return {layer: mask for layer, op in self._ops[branch].items() if (mask := op.mask()) is not None}
+        """Skip masks ``{layer: bool (B, H, Qt, Kt)}`` of one CFG branch; True = skipped from now on.
+
+        Under context parallelism, this rank's part: its heads (Ulysses), its query rows with all keys (ring).
+        """
+        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < self._branches:
+            raise ValueError(f"branch: expected an int in [0, {self._branches}), got {branch!r}")
+        out = {}
+        for layer, processor in self._processors.items():
+            bits = processor.live.bits if branch == self._live[0] else self._stores.get(branch, {}).get(layer)
+            if bits:
+                out[layer] = processor.masks(bits)
+        return out
 
     def __enter__(self) -> LiteAttentionHandle:
         return self
@@ -458,44 +766,100 @@ class LiteAttentionHandle:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def _new_ops(self) -> dict[int, LiteAttention]:
-        return {layer: LiteAttention(threshold, **self._tiles) for layer, threshold in self._thresholds.items()}
-
-    def _clear(self) -> None:
-        # Fresh operators rather than reset() ones: a new generation may bring new shapes (prompt length).
-        self._ops: list[dict[int, LiteAttention]] = [self._new_ops()]  # per CFG branch
-        self._steps: dict[tuple[int, int], list[int]] = {}  # (branch, layer) -> step of each call to its state
-        # (branch, layer) -> {step: sparsity} of the calls to states that new shapes replaced since.
-        self._rebuilt: dict[tuple[int, int], dict[int, float]] = {}
-
-    def _on_forward(self, timestep_index: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if "timestep" in kwargs:
-            timestep = kwargs["timestep"]
-        else:
-            timestep = args[timestep_index] if len(args) > timestep_index else None
-        try:
-            value = float(torch.as_tensor(timestep).max())
-        except (TypeError, ValueError, RuntimeError):  # None, a string, an empty tensor...
-            raise TypeError(
-                "timestep: expected a number or a tensor of numbers (LiteAttention counts denoising steps "
-                f"from it), got {timestep!r}"
-            ) from None
-        if self._clock.tick(value):
-            self._clear()
-        while len(self._ops) <= self._clock.branch:
-            self._ops.append(self._new_ops())
-
     @contextmanager
     def intercept(self, wrapper: AttentionWrapper) -> Iterator[None]:
         """Route every patched layer's attention call through ``wrapper(run, layer, q, k, v, **kwargs)``
         inside the ``with`` block; ``run`` (same arguments) is the LiteAttention call it stands in for.
-        q, k, v are (B, S, H, D), after the model's projections and RoPE. For timing and probing;
-        interceptors nest, the latest outermost."""
+        q, k, v are (B, S, H, D), after the model's projections and RoPE. For timing and probing (not
+        under context parallelism); interceptors nest, the latest outermost."""
         self._interceptors.append(wrapper)
         try:
             yield
         finally:
             self._interceptors.remove(wrapper)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _clear(self) -> None:
+        self._stores.clear()
+        self._records.clear()
+        self._live = (0, 0)
+        self._branches = 1
+
+    def _on_forward(self, timestep_index: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._in_context:
+            return  # the pipeline's cache context has set step and branch
+        if "timestep" in kwargs:
+            timestep = kwargs["timestep"]
+        else:
+            timestep = args[timestep_index] if len(args) > timestep_index else None
+        timestep = _timestep_tensor(timestep)
+        if torch.compiler.is_compiling():
+            # The timestep's value is on the device: read it at run time, inside an op.
+            torch.ops.liteattention.timestep_clock(timestep, self._id, *self._live_tensors())
+        else:
+            self._tick(float(timestep.max()), *self._live_tensors())
+
+    def _on_context(self, context: Any) -> None:
+        if context is None:
+            self._in_context = False
+            return
+        self._in_context = True
+        new = self._clock.enter(context.name, context.step_index)
+        self._switch(new, *self._live_tensors())
+
+    def _tick(self, timestep: float, bits: list[torch.Tensor], counts: list[torch.Tensor], thresholds: list[torch.Tensor]) -> None:
+        self._switch(self._clock.tick(timestep), bits, counts, thresholds)
+
+    def _live_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's live masks, counters and threshold, flat, in layer order."""
+        lives = [processor.live for processor in self._processors.values()]
+        bits = [b for live in lives for b in live.bits]
+        counts = [live.counts for live in lives if live.counts is not None]
+        return bits, counts, [live.threshold for live in lives]
+
+    def _switch(
+        self, new: bool, bits: list[torch.Tensor], counts: list[torch.Tensor], thresholds: list[torch.Tensor]
+    ) -> None:
+        """Make the live tensors (given as ``_live_tensors`` lists them) serve the clock's (branch, step):
+        file the finished call's counts, swap masks between branches, set the step's thresholds."""
+        branch, step = self._clock.branch, self._clock.step
+        live_branch, live_step = self._live
+        bits_iter, counts_iter = iter(bits), iter(counts)
+        for (layer, processor), threshold in zip(self._processors.items(), thresholds, strict=True):
+            masks = [next(bits_iter) for _ in processor.live.bits]
+            if processor.live.counts is not None:
+                self._flush(live_branch, live_step, layer, next(counts_iter))
+            if new:
+                for mask in masks:
+                    mask.zero_()
+            elif branch != live_branch and masks:
+                stored = self._stores.setdefault(live_branch, {}).get(layer)
+                if stored is not None and [s.shape for s in stored] == [m.shape for m in masks]:
+                    for s, m in zip(stored, masks):
+                        s.copy_(m)
+                else:
+                    self._stores[live_branch][layer] = [m.clone() for m in masks]
+                wanted = self._stores.get(branch, {}).get(layer)
+                if wanted is not None and [w.shape for w in wanted] == [m.shape for m in masks]:
+                    for w, m in zip(wanted, masks):
+                        m.copy_(w)
+                else:  # a branch's first call (or new shapes): an empty mask
+                    for m in masks:
+                        m.zero_()
+            threshold.fill_(self._schedules[layer](step))
+        if new:
+            self._clear()
+        self._live = (branch, step)
+        self._branches = max(self._branches, branch + 1)
+
+    def _flush(self, branch: int, step: int, layer: int, counts: torch.Tensor) -> None:
+        """File a layer's counters under (branch, step) and zero them for the next call."""
+        steps = self._records.setdefault((branch, layer), {})
+        steps[step] = counts.clone() if step not in steps else steps[step] + counts
+        counts.zero_()
+        if len(steps) > HISTORY_SIZE:  # bounded like a SkipState's history: the oldest step goes
+            del steps[next(iter(steps))]
 
     def _run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         run: Callable[..., torch.Tensor] = self._run_lite
@@ -504,18 +868,7 @@ class LiteAttentionHandle:
         return run(layer, q, k, v, **kwargs)
 
     def _run_lite(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        branch, step = self._clock.branch, self._clock.step
-        op = self._ops[branch][layer]
-        before = op.state
-        out = op(q, k, v, step=step, **kwargs)
-        key = (branch, layer)
-        if before is not None and op.state is not before:
-            # New shapes (a dtype change, say) replaced the layer's state: keep what the old one
-            # recorded (reading it waits for the GPU, once per replacement).
-            self._rebuilt[key] = {**self._rebuilt.get(key, {}), **_sparsity(self._steps[key], before)}
-            self._steps[key] = []
-        self._steps.setdefault(key, []).append(step)
-        return out
+        return self._processors[layer]._run_lite(q, k, v, **kwargs)[0]
 
     def _decline(self, reason: str) -> None:
         """Warn once per reason that a call runs the model's own attention function instead."""
@@ -524,13 +877,6 @@ class LiteAttentionHandle:
             warnings.warn(
                 f"LiteAttention runs the model's dense attention for calls with {reason} (warned once)", stacklevel=2
             )
-
-
-def _sparsity(steps: list[int], state: SkipState) -> dict[int, float]:
-    """{step: sparsity} of the calls ``state`` holds statistics of: the latest of ``steps``, the
-    steps of every call to it (its history is a ring)."""
-    history = state.history
-    return {step: call.sparsity for step, call in zip(steps[len(steps) - len(history) :], history, strict=True)}
 
 
 # --------------------------------------------------------------------------------------------------
