@@ -46,7 +46,8 @@ applies wins:
 
    Reading the timestep's value needs the host: when the whole transformer is compiled, this rule runs
    inside a registered op (``liteattention::timestep_clock``), at run time, so it neither breaks the
-   graph nor recompiles it.
+   graph nor recompiles it. A missing timestep, or one that is not a number or a non-empty tensor of
+   numbers (None, a string...), is a TypeError naming it, checked before the op, while tracing.
 
 A new generation empties every mask, clears the stats and restarts the step index at 0.
 ``handle.reset()`` does the same explicitly; call it between generations that cannot be told apart
@@ -566,13 +567,26 @@ class _ContextWatcher(StateManager):
 
 
 class _StepHook(ModelHook):
-    """Registered on the transformer so that pipelines' cache contexts and hook resets reach the handle."""
+    """Registered on the transformer: pipelines' cache contexts and hook resets reach the handle through
+    it, and bare calls (no cache context) tick the clock with their timestep before the forward runs, in
+    the same frame as the forward (one graph when the whole transformer is compiled)."""
 
     _is_stateful = True
 
-    def __init__(self, handle: LiteAttentionHandle) -> None:
+    def __init__(self, handle: LiteAttentionHandle, timestep_index: int) -> None:
         super().__init__()
         self.contexts = _ContextWatcher(handle)
+        self._timestep_index = timestep_index
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        handle = self.contexts._handle()
+        if handle is not None and not handle._in_context:
+            if "timestep" in kwargs:
+                timestep = kwargs["timestep"]
+            else:
+                timestep = args[self._timestep_index] if len(args) > self._timestep_index else None
+            handle._on_bare_call(timestep)
+        return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         # Pipelines reset their hooks at the end of each call: the next call is a new generation.
@@ -673,10 +687,7 @@ class LiteAttentionHandle:
         self._id = next(_handle_ids)
         _HANDLES[self._id] = self
         self._transformer = weakref.ref(transformer)
-        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_StepHook(self), _HOOK_NAME)
-        self._hook = transformer.register_forward_pre_hook(
-            functools.partial(self._on_forward, timestep_index), with_kwargs=True
-        )
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_StepHook(self, timestep_index), _HOOK_NAME)
 
     @property
     def enabled(self) -> bool:
@@ -719,7 +730,6 @@ class LiteAttentionHandle:
         for name in self._trampoline_modules:
             _remove_trampoline(name)
         self._trampoline_modules = []
-        self._hook.remove()
         transformer = self._transformer()
         if transformer is not None and hasattr(transformer, "_diffusers_hook"):
             transformer._diffusers_hook.remove_hook(_HOOK_NAME, recurse=False)
@@ -786,13 +796,8 @@ class LiteAttentionHandle:
         self._live = (0, 0)
         self._branches = 1
 
-    def _on_forward(self, timestep_index: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._in_context:
-            return  # the pipeline's cache context has set step and branch
-        if "timestep" in kwargs:
-            timestep = kwargs["timestep"]
-        else:
-            timestep = args[timestep_index] if len(args) > timestep_index else None
+    def _on_bare_call(self, timestep: Any) -> None:
+        """The timestep rule, for a transformer call outside any cache context."""
         timestep = _timestep_tensor(timestep)
         if torch.compiler.is_compiling():
             # The timestep's value is on the device: read it at run time, inside an op.

@@ -1,0 +1,183 @@
+"""torch.compile: the registered op, and a tiny Wan transformer with apply_lite_attention compiled whole
+(fullgraph) and by regions (compile_repeated_blocks), on the CPU.
+
+What is held: no graph breaks, a number of compiled graphs that does not grow with steps or layers
+(one recompile after the first call, which allocates the masks), and the same outputs, masks and
+stats as the eager model. The model tests use dynamo's "aot_eager" backend (same graphs and guards
+as inductor, without its code generation, which costs tens of seconds per graph on a small CPU); the
+op is also compiled with inductor.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from liteattention import SkipState, lite_attention
+from liteattention.integrations import apply_lite_attention
+from liteattention.ops import COUNTS, counts_sparsity
+
+from helpers import tiled_inputs
+from test_integration_diffusers import BLOCK, build
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TIMESTEPS = (999.0, 800.0, 600.0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_the_op_matches_lite_attention_and_marks_its_bits_argument(backend: str) -> None:
+    negligible = torch.zeros(1, 2, 4, dtype=torch.bool)
+    negligible[..., 2:] = True
+    q, k, v = tiled_inputs(1, 64, 2, 32, 16, torch.float16, "cpu", negligible)
+    state = SkipState.for_inputs(q, k, 16, 16)
+    bits = torch.zeros_like(state.bits)
+    counts = torch.zeros(COUNTS, dtype=torch.int64)
+    for _ in range(2):
+        out, lse = lite_attention(q, k, v, state, threshold=-8.0, return_lse=True, must_do=(0, 8), backend=backend)
+        got, got_lse = torch.ops.liteattention.attention(
+            q, k, v, bits, counts, torch.tensor(-8.0, dtype=torch.float64), [0, 8], [], None, 16, 16, backend
+        )
+        assert torch.equal(got, out) and torch.equal(got_lse, lse)
+        assert torch.equal(bits, state.bits)
+    history = state.history
+    mask = state.mask()
+    assert mask.any() and not (mask & ~negligible[:, :, None, :]).any()
+    assert counts.tolist() == [
+        sum(c.computed_tiles for c in history), 0 + history[0].marked_after,
+        history[0].newly_marked, 2 * state.total_tiles,
+    ]
+    assert counts_sparsity(counts) == pytest.approx(sum(c.sparsity for c in history) / 2)
+    dense, _ = torch.ops.liteattention.attention(q, k, v, None, None, torch.tensor(-8.0), [], [], None, 16, 16, backend)
+    torch.testing.assert_close(dense, lite_attention(q, k, v, backend=backend))
+
+
+def test_opcheck() -> None:
+    q, k, v = (torch.randn(1, 40, 2, 16) for _ in range(3))
+    bits = torch.zeros(1, 2, 3, 1, dtype=torch.int32)
+    counts = torch.zeros(COUNTS, dtype=torch.int64)
+    args = (q, k, v, bits, counts, torch.tensor(0.0, dtype=torch.float64), [], [0, 4], 0.25, 16, 16, "reference")
+    torch.library.opcheck(torch.ops.liteattention.attention.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_a_new_threshold_reuses_the_compiled_graph() -> None:
+    q, k, v = (torch.randn(1, 64, 2, 16) for _ in range(3))
+    bits = torch.zeros(1, 2, 4, 1, dtype=torch.int32)
+    counts = torch.zeros(COUNTS, dtype=torch.int64)
+
+    def attend(q, k, v, bits, counts, threshold):
+        out, _ = torch.ops.liteattention.attention(q, k, v, bits, counts, threshold, [], [], None, 16, 16, "auto")
+        return out * 2
+
+    compiled = torch.compile(attend, fullgraph=True)  # inductor
+    state = SkipState.for_inputs(q, k, 16, 16)
+    for threshold in (-math.inf, 0.0, -1.0, -2.0):
+        got = compiled(q, k, v, bits, counts, torch.tensor(threshold, dtype=torch.float64))
+        expected = lite_attention(q, k, v, state, threshold=threshold) * 2
+        torch.testing.assert_close(got, expected)
+        assert torch.equal(bits, state.bits)
+    assert state.mask().any()
+    assert _graphs() == 1 and not counters["graph_break"]
+
+
+def _run(model, handle, inputs, uncond, *, context: bool):
+    """Three denoising steps with CFG (cond, then uncond), as bare calls or as a pipeline makes them."""
+    outs = []
+    for step, t in enumerate(TIMESTEPS):
+        for name, kwargs in (("cond", inputs), ("uncond", uncond)):
+            timestep = torch.full((1,), t)
+            with torch.no_grad():
+                if context:
+                    with handle_model(model).cache_context(name, step_index=step):
+                        outs.append(model(**kwargs, timestep=timestep, return_dict=False)[0])
+                else:
+                    outs.append(model(**kwargs, timestep=timestep, return_dict=False)[0])
+            assert (handle.step, handle.branch) == (step, name == "uncond")
+        if step == 0:
+            after_first_step = _graphs()
+    return outs, after_first_step
+
+
+def handle_model(model):
+    return getattr(model, "_orig_mod", model)
+
+
+@pytest.mark.parametrize(
+    ("how", "context", "graphs"),
+    [
+        ("blocks", False, 2),  # one graph for every block: the first call, then with masks allocated
+        ("blocks", True, 2),
+        ("whole", False, 2),  # the timestep rule runs inside the graph, as an op
+        ("whole", True, 2),
+    ],
+)
+def test_compiled_transformer_has_no_breaks_and_no_recompiles_per_step_or_layer(how, context, graphs) -> None:
+    model, inputs = build("wan")
+    uncond = dict(inputs, encoder_hidden_states=torch.zeros_like(inputs["encoder_hidden_states"]))
+    eager = copy.deepcopy(model)
+    expected_handle = apply_lite_attention(eager, 0.0, block_m=BLOCK, block_n=BLOCK)
+    handle = apply_lite_attention(model, 0.0, block_m=BLOCK, block_n=BLOCK)
+    if how == "blocks":
+        model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+        compiled = model
+    else:
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got, after_first_step = _run(compiled, handle, inputs, uncond, context=context)
+    expected, _ = _run(eager, expected_handle, inputs, uncond, context=context)
+
+    assert not counters["graph_break"]
+    assert _graphs() == after_first_step == graphs  # nothing recompiled from step 1 on, for any layer
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for branch in (0, 1):
+        masks, reference = handle.masks(branch), expected_handle.masks(branch)
+        assert set(masks) == set(handle.layers) and any(m.any() for m in masks.values())
+        assert all(torch.equal(masks[layer], reference[layer]) for layer in handle.layers)
+    assert handle.stats() == expected_handle.stats()
+
+
+def test_explain_finds_one_graph_and_no_breaks() -> None:
+    model, inputs = build("wan")
+    apply_lite_attention(model, -5.0, block_m=BLOCK, block_n=BLOCK)
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(**inputs, timestep=torch.full((1,), 999.0), return_dict=False)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
+@pytest.mark.parametrize("how", ["blocks", "whole", "fullgraph"])
+def test_bad_timestep_is_named_when_compiled(how) -> None:
+    """The timestep is checked (type, emptiness) before the clock op, while tracing: a bad one is the
+    eager TypeError under regional compilation and under torch.compile with graph breaks allowed. With
+    fullgraph=True, dynamo turns any exception the traced code raises into its own error; that one
+    still carries the TypeError's message."""
+    model, inputs = build("wan")
+    handle = apply_lite_attention(model, 0.0, block_m=BLOCK, block_n=BLOCK)
+    if how == "blocks":
+        model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+        compiled = model
+    else:
+        compiled = torch.compile(model, fullgraph=how == "fullgraph", backend="aot_eager")
+    error = torch._dynamo.exc.Unsupported if how == "fullgraph" else TypeError
+    for kwargs in ({"timestep": None}, {"timestep": "abc"}, {"timestep": torch.zeros(0)}, {}):
+        with torch.no_grad(), pytest.raises(error, match="timestep: expected a number or a tensor of numbers"):
+            compiled(**inputs, **kwargs, return_dict=False)
+    # Nothing changed: a good call starts the generation at step 0.
+    with torch.no_grad():
+        compiled(**inputs, timestep=torch.full((1,), 999.0), return_dict=False)
+    assert (handle.step, handle.branch) == (0, 0) and handle.stats()[0][0][0] == 0.0
