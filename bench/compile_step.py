@@ -1,0 +1,180 @@
+"""Step time of a compiled diffusers Wan transformer, with and without LiteAttention.
+
+Random weights, real shapes: by default Wan2.1-1.3B at 480p, 81 frames (30 layers, 12 heads of 128,
+ffn 8960, latents (1, 16, 21, 60, 104) -> 32,760 video tokens, 512 text tokens of 4096). For each
+variant (dense: diffusers' default attention; lite: apply_lite_attention), the transformer is
+compiled (``--compile whole|blocks|none``, ``--mode default|reduce-overhead|max-autotune-no-cudagraphs``)
+and run as a pipeline runs it: one call per denoising step under ``cache_context("cond", step_index=i)``.
+The first ``--compile-steps`` calls (compilation and the recompile after the masks are allocated) are
+timed apart; then ``--steps`` steps are timed one by one (CUDA events), with the sparsity LiteAttention
+reached at each. The same random latents feed every step (steady-state timing, not a sampler): the
+masks keep growing as they would, from the attention pattern of those inputs.
+
+    PYTHONPATH=src python bench/compile_step.py --out results/compile-step           # on the GPU
+    PYTHONPATH=src python bench/compile_step.py --size tiny --device cpu --dtype float32 --out /tmp/cs
+
+Prints a table and writes ``compile_step.json`` into ``--out``; the JSON also records the recompiles
+and graph breaks dynamo counted per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {
+    # name: (transformer config, latent shape (B, C, F, H, W), text tokens)
+    "wan1.3b-480p": (
+        dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, in_channels=16,
+             out_channels=16, text_dim=4096, freq_dim=256, patch_size=(1, 2, 2), cross_attn_norm=True,
+             qk_norm="rms_norm_across_heads", eps=1e-6),
+        (1, 16, 21, 60, 104), 512,
+    ),
+    "wan14b-480p": (
+        dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, in_channels=16,
+             out_channels=16, text_dim=4096, freq_dim=256, patch_size=(1, 2, 2), cross_attn_norm=True,
+             qk_norm="rms_norm_across_heads", eps=1e-6),
+        (1, 16, 21, 60, 104), 512,
+    ),
+    "tiny": (
+        dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, in_channels=4, out_channels=4,
+             text_dim=32, freq_dim=32, patch_size=(1, 2, 2), rope_max_seq_len=32),
+        (1, 4, 2, 16, 16), 16,
+    ),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="wan1.3b-480p")
+    p.add_argument("--variants", default="dense,lite", help="comma-separated: dense, lite")
+    p.add_argument("--threshold", type=float, default=-8.0, help="LiteAttention threshold after the warm-up steps")
+    p.add_argument("--warmup-steps", type=int, default=2, help="dense steps (threshold -inf) before marking starts")
+    p.add_argument("--compile", choices=("whole", "blocks", "none"), default="whole")
+    p.add_argument("--mode", default="default", help="torch.compile mode (default, reduce-overhead, ...)")
+    p.add_argument("--compile-steps", type=int, default=3, help="calls before timing (compilation, recompiles)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--block-m", type=int, default=None)
+    p.add_argument("--block-n", type=int, default=None)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for compile_step.json")
+    return p.parse_args()
+
+
+def build(args: argparse.Namespace):
+    from diffusers import WanTransformer3DModel
+
+    config, latent_shape, text_tokens = SIZES[args.size]
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):
+        model = WanTransformer3DModel(**config).to(dtype).eval()
+    g = torch.Generator(args.device).manual_seed(args.seed)
+    inputs = {
+        "hidden_states": torch.randn(latent_shape, generator=g, device=args.device, dtype=dtype),
+        "encoder_hidden_states": torch.randn(
+            (latent_shape[0], text_tokens, config["text_dim"]), generator=g, device=args.device, dtype=dtype
+        ),
+    }
+    return model, inputs
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_variant(name: str, args: argparse.Namespace) -> dict:
+    from torch._dynamo.utils import counters
+
+    from liteattention.integrations import apply_lite_attention
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, inputs = build(args)
+    handle = None
+    if name == "lite":
+        schedule = [-math.inf] * args.warmup_steps + [args.threshold]
+        handle = apply_lite_attention(model, schedule, block_m=args.block_m, block_n=args.block_n)
+    compiled = model
+    if args.compile == "whole":
+        compiled = torch.compile(model, fullgraph=True, mode=args.mode)
+    elif args.compile == "blocks":
+        model.compile_repeated_blocks(fullgraph=True, mode=args.mode)
+    timestep = torch.tensor([999.0], device=args.device)
+    cuda = args.device.startswith("cuda")
+
+    def step(i: int) -> float:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
+        with torch.no_grad(), model.cache_context("cond", step_index=i):
+            compiled(**inputs, timestep=timestep - i, return_dict=False)
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return time.perf_counter() - t0
+
+    compile_times = [step(i) for i in range(args.compile_steps)]
+    times = [step(args.compile_steps + i) for i in range(args.steps)]
+    sync(args.device)
+    result = {
+        "variant": name,
+        "compile_steps_s": compile_times,
+        "step_s": times,
+        "median_step_s": statistics.median(times),
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "recompiles": sum(counters["recompiles"].values()),
+        "graph_breaks": dict(counters["graph_break"]),
+    }
+    if handle is not None:
+        stats = handle.stats()[0]
+        per_step = [
+            statistics.fmean(s[i] for s in stats.values() if i < len(s) and not math.isnan(s[i]))
+            for i in range(args.compile_steps + args.steps)
+        ]
+        result["sparsity_per_step"] = per_step
+        result["sparsity_timed_steps"] = per_step[args.compile_steps :]
+        handle.remove()
+    del compiled, model
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    results = [run_variant(name, args) for name in args.variants.split(",")]
+    dense = next((r for r in results if r["variant"] == "dense"), None)
+    print(f"{args.size}, compile={args.compile}, mode={args.mode}, device={torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}")
+    print("| variant | first calls (s) | median step (s) | vs dense | sparsity (timed steps) | graphs | recompiles | breaks |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        ratio = r["median_step_s"] / dense["median_step_s"] if dense else math.nan
+        sparsity = r.get("sparsity_timed_steps")
+        sparsity = "-" if sparsity is None else f"{sparsity[0]:.2f} -> {sparsity[-1]:.2f}"
+        first = " ".join(f"{t:.2f}" for t in r["compile_steps_s"])
+        print(f"| {r['variant']} | {first} | {r['median_step_s']:.4f} | {ratio:.3f} | {sparsity} | "
+              f"{r['unique_graphs']} | {r['recompiles']} | {len(r['graph_breaks'])} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"args": vars(args), "torch": torch.__version__, "results": results}
+    if args.device.startswith("cuda"):
+        payload["device"] = torch.cuda.get_device_name()
+    (out / "compile_step.json").write_text(json.dumps(payload, indent=2))
+    print(f"wrote {out / 'compile_step.json'}")
+
+
+if __name__ == "__main__":
+    main()
