@@ -170,7 +170,8 @@ def _run_sampling_command(args: argparse.Namespace) -> None:
 
             config_type = CoherenceConfig
     except ModuleNotFoundError as error:  # the operator alone was installed
-        sys.exit(f"liteattention {args.command} needs {error.name}, which the demo extra installs: pip install 'liteattention[demo]'")
+        package = (error.name or "a package").split(".")[0]
+        sys.exit(f"liteattention {args.command} needs {package}, which the demo extra installs: pip install 'liteattention[demo]'")
     config = _config(args.command_parser, config_type, args)
     _make_out_folder(args.command_parser, config.out)
     try:
