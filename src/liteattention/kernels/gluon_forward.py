@@ -33,6 +33,7 @@ memory, no barrier, no atomics, no waiting on memory inside the loop);
 
 from __future__ import annotations
 
+import enum
 import functools
 
 import torch
@@ -65,6 +66,15 @@ SMEM_BYTES = 227 * 1024 - 1024
 # first consumer gets what is left of the 168 per thread x 12 warps the kernel is launched with.
 CONSUMER_REGS: gl.constexpr = gl.constexpr(232)
 PRODUCER_REGS: gl.constexpr = gl.constexpr(24)
+
+
+class NamedBarrier(enum.IntEnum):
+    """Hardware named barriers (bar.sync / bar.arrive ids) the kernel uses itself; Triton's own
+    partitions take the low ids."""
+
+    # The ping-pong: consumer 0 waits for its turn on PINGPONG_0, consumer 1 on PINGPONG_1.
+    PINGPONG_0 = 10
+    PINGPONG_1 = 11
 
 
 @gluon.jit
@@ -129,7 +139,7 @@ def _tile_origin(tile, q_tiles, heads):
 
 
 @gluon.jit
-def _hand_over(q_desc, q_smem, q_ready, q_empty, claims, started, tile, count, seq_q, q_tiles, heads):
+def _hand_over(q_desc, q_smem, q_ready, q_empty, claims, started, tile, count, q_tiles, heads):
     """The producer gives the consumers their next q-tile (``started`` earlier ones): once both are
     done with the Q buffer it takes, the q-tile and its count go into that buffer's claim and its
     Q halves are copied in (no copy for a count of 0, or for a tile past the rows, which tells the
@@ -167,7 +177,7 @@ def _claim(claims, q_ready, started, half: gl.constexpr):
 @gluon.jit
 def _load_partition(
     q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, q_empty, claims, k_ready, v_ready, kv_empty,
-    Entries, Counts, Next, rows, q_tiles, heads, k_tiles, seq_q, seq_k, USE_LIST: gl.constexpr,
+    Entries, Counts, Next, rows, q_tiles, heads, k_tiles, USE_LIST: gl.constexpr,
 ):
     """The producer warp: claims q-tiles (its program's own first, then the next unclaimed one from
     the counter at Next, in row order, as a hardware grid would hand out blocks, so q-tiles of
@@ -187,7 +197,7 @@ def _load_partition(
         # Claimed and counted a q-tile ahead: the latency stays under this q-tile's copies.
         next_tile = gl.num_programs(0) + gl.atomic_add(Next, 1)
         next_count = _count_of(Counts, next_tile, rows, k_tiles, USE_LIST)
-        _hand_over(q_desc, q_smem, q_ready, q_empty, claims, started, tile, count, seq_q, q_tiles, heads)
+        _hand_over(q_desc, q_smem, q_ready, q_empty, claims, started, tile, count, q_tiles, heads)
         b, h, q_row0 = _tile_origin(tile, q_tiles, heads)
         entries_row = Entries + tile.to(gl.int64) * k_tiles
         steps = gl.cdiv(count, STEP_TILES)
@@ -205,7 +215,7 @@ def _load_partition(
         started += 1
         tile = next_tile
         count = next_count
-    _hand_over(q_desc, q_smem, q_ready, q_empty, claims, started, rows, 0, seq_q, q_tiles, heads)
+    _hand_over(q_desc, q_smem, q_ready, q_empty, claims, started, rows, 0, q_tiles, heads)
 
 
 @gluon.jit
@@ -265,14 +275,6 @@ def _apply_verdicts(
 
 
 @gluon.constexpr_function
-def _packed_p(step_tiles, head_dim, mark):
-    """Whether P is converted pair by pair: at head dim 128 (2-7% faster there), except for single
-    128-key tiles with marking, where that build spills registers. At head dim 64 ptxas then
-    schedules the wgmma differently and dense mode was 12% slower (docs/performance.md, v16)."""
-    return head_dim == 128 and not (step_tiles == 1 and mark)
-
-
-@gluon.constexpr_function
 def _packed_cvt(dtype):
     """One PTX conversion of two floats to a 16-bit pair, element 0 in the low half."""
     return "cvt.rn.bf16x2.f32 $0, $2, $1;" if dtype == gl.bfloat16 else "cvt.rn.f16x2.f32 $0, $2, $1;"
@@ -309,10 +311,11 @@ def _issue_pv(p_op, v_bufs, v_ready, j, acc):
 
 @gluon.constexpr_function
 def _turn_ptx(half, wait):
-    """PTX of one turn of the ping-pong: consumer ``half`` waits on named barrier 10 + half
-    (Triton's own partitions use the low ids) and passes the turn with an arrive, which does not
-    wait, on the other's; both count the two warpgroups' 256 threads. The moves copy the token."""
-    barrier = f"bar.sync {10 + half}, 256;" if wait else f"bar.arrive {11 - half}, 256;"
+    """PTX of one turn of the ping-pong: consumer ``half`` waits on its own named barrier and
+    passes the turn with an arrive, which does not wait, on the other's; both count the two
+    warpgroups' 256 threads. The moves copy the token."""
+    own, other = (NamedBarrier.PINGPONG_0, NamedBarrier.PINGPONG_1)[:: 1 if half == 0 else -1]
+    barrier = f"bar.sync {own:d}, 256;" if wait else f"bar.arrive {other:d}, 256;"
     return barrier + " mov.b32 $0, $2; mov.b32 $1, $3;"
 
 
@@ -393,15 +396,6 @@ def _row_max_tree(s, like):
     return gl.convert_layout(gl.max(x, 1), like.type.layout, assert_trivial=True)
 
 
-@gluon.constexpr_function
-def _tree_row_max(use_list, mark, pingpong):
-    """Whether the row max of a build without marking is folded as a tree (_row_max_tree). Only
-    the work list with ping-pong (head dim 64) takes it: that loop ran 7% faster with it, while
-    dense mode at head dim 64 was 2% slower and the list at head dim 128 5% slower, the step
-    loops' wgmma and exponentials placed elsewhere by ptxas (docs/performance.md, v19)."""
-    return use_list and pingpong and not mark
-
-
 @gluon.jit
 def _online_softmax(
     s, qk_scale, m_i, l_i, warp_bits, row_threshold, MARK: gl.constexpr, ABOVE_MAX: gl.constexpr,
@@ -479,17 +473,6 @@ def _step(
     acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
     p_op = gl.convert_layout(_p_operand(p, k_bufs, BLOCK_N, MARK), p_layout)
     return p_op, m_i, l_i, acc, warp_bits, token
-
-
-@gluon.constexpr_function
-def _nested_steps(use_list, mark, pingpong):
-    """Whether the steps of each group of GROUP tiles run in an inner loop (the group's verdict
-    word stored after it) rather than in one loop. With marking, one loop tests for a group's end
-    and holds the store in every step; nested, ptxas schedules the marking loop as tightly as the
-    list loop, and a first step was 1.6-12% faster. Without marking it only moves ptxas's schedule:
-    the list with ping-pong (head dim 64) ran 11% faster nested, but dense mode was 3-7% slower
-    and the list at head dim 128 2.5% slower (docs/performance.md, v17)."""
-    return mark or (use_list and pingpong)
 
 
 @gluon.jit
@@ -697,12 +680,46 @@ def _gluon_attention_fwd(
             )),
             (_load_partition, (
                 q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, q_empty, claims, k_ready, v_ready, kv_empty,
-                Entries, Counts, Next, rows, q_tiles, heads, k_tiles, seq_q, seq_k, USE_LIST,
+                Entries, Counts, Next, rows, q_tiles, heads, k_tiles, USE_LIST,
             )),
         ],
         [4, 1],
         [CONSUMER_REGS, PRODUCER_REGS],
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Build switches: what each build compiles, from its tile shape, head dim and mode, and why (the
+# measurements are in docs/performance.md).
+# --------------------------------------------------------------------------------------------------
+
+
+@gluon.constexpr_function
+def _packed_p(step_tiles, head_dim, mark):
+    """Whether P is converted pair by pair: at head dim 128 (2-7% faster there), except for single
+    128-key tiles with marking, where that build spills registers. At head dim 64 ptxas then
+    schedules the wgmma differently and dense mode was 12% slower (docs/performance.md, v16)."""
+    return head_dim == 128 and not (step_tiles == 1 and mark)
+
+
+@gluon.constexpr_function
+def _tree_row_max(use_list, mark, pingpong):
+    """Whether the row max of a build without marking is folded as a tree (_row_max_tree). Only
+    the work list with ping-pong (head dim 64) takes it: that loop ran 7% faster with it, while
+    dense mode at head dim 64 was 2% slower and the list at head dim 128 5% slower, the step
+    loops' wgmma and exponentials placed elsewhere by ptxas (docs/performance.md, v19)."""
+    return use_list and pingpong and not mark
+
+
+@gluon.constexpr_function
+def _nested_steps(use_list, mark, pingpong):
+    """Whether the steps of each group of GROUP tiles run in an inner loop (the group's verdict
+    word stored after it) rather than in one loop. With marking, one loop tests for a group's end
+    and holds the store in every step; nested, ptxas schedules the marking loop as tightly as the
+    list loop, and a first step was 1.6-12% faster. Without marking it only moves ptxas's schedule:
+    the list with ping-pong (head dim 64) ran 11% faster nested, but dense mode was 3-7% slower
+    and the list at head dim 128 2.5% slower (docs/performance.md, v17)."""
+    return mark or (use_list and pingpong)
 
 
 def _smem_bytes(step_n: int, head_dim: int, itemsize: int) -> tuple[int, int]:
