@@ -29,7 +29,7 @@ bench)
         # the one torch was built with: without it, the other ratios still come.
         for flex in "" --no-flex; do
             "${runner[@]}" timeout 280 python3 -m liteattention.cli bench --shapes wan14b-480p,ltx --patterns random \
-                --rounds 15 $flex --out "$OUT/bench-$label" > "$OUT/bench-$label.log" 2>&1 && break
+                --rounds "${ROUNDS:-15}" $flex --out "$OUT/bench-$label" > "$OUT/bench-$label.log" 2>&1 && break
         done
         grep -v Warning "$OUT/bench-$label.log" | tee -a "$OUT/bench.log" | tail -4
     done
