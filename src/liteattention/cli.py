@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .experiment import RunConfig
 
 Config = TypeVar("Config")
+_DEFAULTED = ("prompts",)  # options whose absence means the config's default
 
 
 def _floats(text: str) -> list[float]:
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json and bench.png")
     _add_demo_parser(sub)
     _add_coherence_parser(sub)
+    _add_calibrate_parser(sub)
     return parser
 
 
@@ -99,6 +101,10 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
         "--timing-rounds", type=int, default=defaults.timing_rounds,
         help="rounds of both runs, in alternating order, that the times are averaged over (default: %(default)s)",
     )
+    demo.add_argument(
+        "--profile", type=Path, default=None,
+        help="calibrated profile (.json/.toml, from liteattention calibrate): replaces --threshold and --warmup-steps",
+    )
 
 
 def _add_coherence_parser(sub: argparse._SubParsersAction) -> None:
@@ -112,11 +118,43 @@ def _add_coherence_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    from .commands.calibrate import CalibrateConfig
+
+    d = CalibrateConfig.__dataclass_fields__
+    calibrate = sub.add_parser("calibrate", help="calibrate thresholds per step and layer for a quality budget (demo model)")
+    calibrate.set_defaults(command_parser=calibrate)
+    calibrate.add_argument("--prompt", dest="prompts", action="append", default=None,
+                           help=f"calibration prompt, repeatable (default: {list(d['prompts'].default)})")
+    calibrate.add_argument("--seeds", type=_ints, default=list(d["seeds"].default), help="comma-separated (default: %(default)s)")
+    calibrate.add_argument("--steps", type=int, default=d["steps"].default, help="denoising steps (default: %(default)s)")
+    calibrate.add_argument("--guidance-scale", type=float, default=d["guidance_scale"].default, help="default: %(default)s")
+    calibrate.add_argument("--metric", default=d["metric"].default, help="per-call error: rel_l2, cosine or l1 (default: %(default)s)")
+    calibrate.add_argument("--max-error", type=float, default=None, help="bound on every attention call's error (metric units)")
+    calibrate.add_argument("--psnr", type=float, default=None, help="bound on each calibration video's PSNR vs dense (dB)")
+    calibrate.add_argument("--sparsity", type=float, default=None, help="mean fraction of tiles to skip, e.g. 0.3")
+    calibrate.add_argument("--max-trials", type=int, default=d["max_trials"].default,
+                           help="generations per search phase (default: %(default)s)")
+    calibrate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    calibrate.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 elsewhere), float32, float16, bfloat16")
+    calibrate.add_argument("--block-m", type=int, default=d["block_m"].default, help="q-tile rows (default: %(default)s)")
+    calibrate.add_argument("--block-n", type=int, default=d["block_n"].default, help="k-tile columns (default: %(default)s)")
+    calibrate.add_argument("--weights", type=Path, default=None, help="demo model folder (default: the bundled weights)")
+    calibrate.add_argument("--format", default=d["format"].default, help="profile file: json or toml (default: %(default)s)")
+    calibrate.add_argument("--out", type=Path, default=d["out"].default, help="output folder (default: %(default)s)")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
 def _config(parser: argparse.ArgumentParser, config_type: type[Config], args: argparse.Namespace) -> Config:
     """``config_type`` from the parsed options of the same names; a bad value is a usage error."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)}
-    if "thresholds" in values:
-        values["thresholds"] = tuple(values["thresholds"])
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type) if hasattr(args, f.name)}
+    for name in ("thresholds", "prompts", "seeds"):
+        if name in values and values[name] is not None:
+            values[name] = tuple(values[name])
+    values = {name: value for name, value in values.items() if value is not None or name not in _DEFAULTED}
     try:
         return config_type(**values)
     except ValueError as error:  # the message names the option
@@ -155,6 +193,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_bench(args.shapes, args.sparsities, args.patterns, out=args.out, flex=not args.no_flex, rounds=args.rounds)
     elif args.command in ("demo", "coherence"):
         _run_sampling_command(args)
+    elif args.command == "calibrate":
+        from .commands.calibrate import CalibrateConfig, main as calibrate
+
+        config = _config(args.command_parser, CalibrateConfig, args)
+        try:
+            calibrate(config)
+        except FileNotFoundError as error:  # no demo model weights
+            sys.exit(f"liteattention calibrate: {error}")
 
 
 def _run_sampling_command(args: argparse.Namespace) -> None:

@@ -143,11 +143,15 @@ class AttentionTimer:
 
 
 def _sample(
-    model: DemoVideoModel, config: DemoConfig, threshold: list[float], progress: bool
+    model: DemoVideoModel, config: DemoConfig, threshold: Any, progress: bool
 ) -> tuple[RunResult, dict[int, dict[int, list[float]]], list[dict[int, torch.Tensor]]]:
-    """Sample the configured video with LiteAttention at ``threshold`` (per step) on every
-    self-attention layer; also return its sparsity stats and its conditional masks after each step."""
-    handle = apply_lite_attention(model.transformer, threshold, block_m=config.block_m, block_n=config.block_n)
+    """Sample the configured video with LiteAttention at ``threshold`` (per step, or a calibration
+    Profile) on every self-attention layer; also return its sparsity stats and its conditional
+    masks after each step."""
+    if isinstance(threshold, list):
+        handle = apply_lite_attention(model.transformer, threshold, block_m=config.block_m, block_n=config.block_n)
+    else:
+        handle = apply_lite_attention(model.transformer, profile=threshold)
     timer = AttentionTimer(config.torch_device)
     masks: list[dict[int, torch.Tensor]] = []
 
@@ -171,6 +175,14 @@ def _compile_kernels(model: DemoVideoModel, config: DemoConfig) -> None:
     short = dataclasses.replace(config, steps=2, warmup_steps=0)
     for threshold in ([-math.inf], [config.threshold]):
         _sample(model, short, threshold, progress=False)
+    if config.profile is not None:  # marking on: the same kernel variants as above
+        return
+
+
+def _schedule_name(config: DemoConfig) -> str:
+    if config.profile is not None:
+        return f"profile {config.profile}: thresholds per step and layer; shown: the largest over layers"
+    return f"threshold {config.threshold:g}, warm-up {config.warmup_steps} steps"
 
 
 def video_psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -203,11 +215,10 @@ def run_demo(config: DemoConfig, model: DemoVideoModel | None = None, *, progres
         # Alternating order, so that a machine getting busier or quieter weighs on both alike.
         for kind in ("dense", "lite") if round % 2 == 0 else ("lite", "dense"):
             if progress:
-                what = f"dense run: {DENSE_BASELINE}" if kind == "dense" else (
-                    f"LiteAttention run (threshold {config.threshold:g}, warm-up {config.warmup_steps} steps)"
-                )
+                what = f"dense run: {DENSE_BASELINE}" if kind == "dense" else f"LiteAttention run ({_schedule_name(config)})"
                 print(f"[timing round {round + 1}/{config.timing_rounds}] {what}", flush=True)
-            run, stats, step_masks = _sample(model, config, [-math.inf] if kind == "dense" else config.schedule(), progress)
+            lite_threshold = config.load_profile() or config.schedule()
+            run, stats, step_masks = _sample(model, config, [-math.inf] if kind == "dense" else lite_threshold, progress)
             runs[kind].append(run)
             if kind == "lite" and round == 0:
                 sparsity, masks = stats, step_masks
@@ -311,14 +322,14 @@ def plot_sparsity(result: DemoResult, path: Path) -> Path:
         ax.plot(np.multiply(values, 100), lw=1, alpha=0.6, label=f"layer {layer}")
     ax.plot(np.multiply(result.mean_sparsity(COND), 100), "k-", lw=2.5, label="mean (cond)")
     ax.plot(np.multiply(result.mean_sparsity(UNCOND), 100), "k--", lw=1.5, label="mean (uncond)")
-    warmup = result.config.warmup_steps
+    warmup = result.config.warmup_steps if result.config.profile is None else 0
     if warmup:
         ax.axvspan(-0.5, warmup - 0.5, color="gray", alpha=0.15, label="warm-up (threshold -inf)")
     ax.set_xlabel("denoising step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("tiles skipped (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"LiteAttention sparsity, threshold {result.config.threshold:g}")
+    ax.set_title(f"LiteAttention sparsity, {_schedule_name(result.config)}", fontsize=8 if result.config.profile else None)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncols=2)
     figure.savefig(path, dpi=110)
@@ -399,7 +410,8 @@ def format_report(result: DemoResult, files: dict[str, Path]) -> str:
         f"LiteAttention demo: {config.prompt!r}",
         f"  {config.steps} steps, guidance {config.guidance_scale:g}, seed {config.seed}, "
         f"{result.device} {result.dtype}, backend {result.backend}, tiles {config.block_m}x{config.block_n}",
-        f"  threshold {config.threshold:g} (log2) after {config.warmup_steps} warm-up steps at -inf",
+        f"  threshold {config.threshold:g} (log2) after {config.warmup_steps} warm-up steps at -inf"
+        if config.profile is None else f"  {_schedule_name(config)}",
         "",
         "Tiles skipped per step (mean over layers)",
         f"  {'step':>4}  {'threshold':>9}  {'cond':>7}  {'uncond':>7}",

@@ -93,6 +93,7 @@ class DemoConfig(RunConfig):
     # Timing rounds: each samples both videos, in alternating order (dense first, then LiteAttention
     # first), so that both see the same machine; times are means over the rounds.
     timing_rounds: int = 2
+    profile: Path | None = None  # a calibrated profile file: replaces threshold and warmup_steps
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,9 +105,22 @@ class DemoConfig(RunConfig):
             object.__setattr__(self, "warmup_steps", default)
         check_int("warmup_steps", self.warmup_steps, 0, self.steps)
         check_int("timing_rounds", self.timing_rounds, 1)
+        if self.profile is not None:  # a ProfileError (ValueError) says what is wrong or differs
+            self.load_profile().check(steps=self.steps, block_m=self.block_m, block_n=self.block_n)
+
+    def load_profile(self):
+        """The calibration Profile read from ``profile`` (None without one)."""
+        if self.profile is None:
+            return None
+        from .calibration.profile import load_profile
+
+        return load_profile(self.profile)
 
     def schedule(self) -> list[float]:
-        """LiteAttention's threshold at each step: -inf during the warm-up, then ``threshold``."""
+        """LiteAttention's threshold at each step: -inf during the warm-up, then ``threshold``.
+        With a profile: the largest threshold over the layers of the conditional branch."""
+        if self.profile is not None:
+            return [max(row) for row in self.load_profile().thresholds[0]]
         return [-math.inf] * self.warmup_steps + [self.threshold] * (self.steps - self.warmup_steps)
 
 

@@ -421,6 +421,8 @@ class LiteAttentionProcessor:
         live = self.live
         batch, seq_q, heads, head_dim = q.shape
         seq_k = k.shape[1]
+        if self._handle._profile is not None:  # shapes are static: checked once per shape when compiled
+            self._handle._profile.check_call(self.layer, seq_q, seq_k, heads, head_dim)
         default_m, default_n = default_block_sizes(head_dim)
         block_m = self._tiles[0] or default_m
         block_n = self._tiles[1] or default_n
@@ -586,6 +588,13 @@ class _StepHook(ModelHook):
             else:
                 timestep = args[self._timestep_index] if len(args) > self._timestep_index else None
             handle._on_bare_call(timestep)
+        if handle is not None and handle._profile is not None and not torch.compiler.is_compiling():
+            # A profile checks each step's timestep against its own (another step count or scheduler).
+            if "timestep" in kwargs:
+                timestep = kwargs["timestep"]
+            else:
+                timestep = args[self._timestep_index] if len(args) > self._timestep_index else None
+            handle._profile.check_timestep(handle._clock.step, float(_timestep_tensor(timestep).max()))
         return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -652,7 +661,9 @@ class LiteAttentionHandle:
         thresholds: dict[int, ThresholdLike],
         block_m: int | None,
         block_n: int | None,
+        profile: Any = None,
     ) -> None:
+        self._profile = profile  # a calibration Profile: thresholds per (branch, step, layer); checks calls
         timestep_index = list(inspect.signature(transformer.forward).parameters).index("timestep")
         self.layer_names: tuple[str, ...] = tuple(name for name, _ in modules)
         """Qualified names of all self-attention layers of the model; a layer's index is its id."""
@@ -852,11 +863,24 @@ class LiteAttentionHandle:
                 else:  # a branch's first call (or new shapes): an empty mask
                     for m in masks:
                         m.zero_()
-            threshold.fill_(self._schedules[layer](step))
+            threshold.fill_(self._threshold(branch, step, layer))
         if new:
             self._clear()
         self._live = (branch, step)
         self._branches = max(self._branches, branch + 1)
+
+    def _threshold(self, branch: int, step: int, layer: int) -> float:
+        """The threshold of ``layer`` at (``branch``, ``step``): the profile's, else the layer's schedule."""
+        profile = self._profile
+        if profile is None:
+            return self._schedules[layer](step)
+        if branch >= profile.branches:
+            from ..calibration.profile import ProfileError
+
+            raise ProfileError(
+                f"the profile was made for {profile.branches} CFG branches; this generation has branch {branch + 1}"
+            )
+        return profile.step_function(branch, layer)(step)
 
     def _flush(self, branch: int, step: int, layer: int, counts: torch.Tensor) -> None:
         """File a layer's counters under (branch, step) and zero them for the next call."""
@@ -896,6 +920,7 @@ def apply_lite_attention(
     layers: LayerSelection | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    profile: Any = None,
 ) -> LiteAttentionHandle:
     """Swap the self-attention of ``transformer``'s blocks for LiteAttention, each layer with its own state.
 
@@ -910,6 +935,10 @@ def apply_lite_attention(
             each with its own; a callable ``index -> threshold or None``: per-layer thresholds, None
             leaving that layer unpatched.
         block_m, block_n: tile sizes for LiteAttention (None: its defaults).
+        profile: a calibration profile (``liteattention.calibration.Profile`` or the path of its
+            file) giving every layer a threshold per CFG branch and step; replaces ``threshold`` and
+            ``layers``. It is refused, naming what differs, for another model class, layer count or
+            tile size, and during generation for another attention shape, step count or timesteps.
 
     Returns:
         A :class:`LiteAttentionHandle`.
@@ -937,8 +966,16 @@ def apply_lite_attention(
                 f"{name} uses {type(module.processor).__name__}; LiteAttention wraps the model's own processor "
                 f"({expected})"
             )
+    if profile is not None:
+        from ..calibration.profile import Profile, load_profile
+
+        profile = profile if isinstance(profile, Profile) else load_profile(profile)
+        if layers is not None:
+            raise TypeError("layers: a profile sets every layer's thresholds; pass profile or layers, not both")
+        profile.check(model=type(transformer).__name__, layers=len(modules), block_m=block_m, block_n=block_n)
+        block_m, block_n = profile.block_m, profile.block_n
     thresholds = _select_layers(layers, threshold, len(modules))
-    return LiteAttentionHandle(transformer, spec, modules, thresholds, block_m, block_n)
+    return LiteAttentionHandle(transformer, spec, modules, thresholds, block_m, block_n, profile)
 
 
 def _select_layers(layers: LayerSelection | None, threshold: ThresholdLike, count: int) -> dict[int, ThresholdLike]:

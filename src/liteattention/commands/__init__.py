@@ -1,0 +1,1 @@
+"""Commands of the ``liteattention`` command line that have their own module: calibrate."""
