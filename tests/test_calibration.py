@@ -218,3 +218,29 @@ def test_budget_needs_a_knob():
     with pytest.raises(ValueError, match="metric: expected one of"):
         calibrate(prompts=PROMPTS, metric="l3", max_error=0.1, generate=lambda p, s: None,
                   transformer=torch.nn.Linear(1, 1))
+
+
+def test_top_level_names():
+    import liteattention
+
+    assert liteattention.calibrate is calibrate and liteattention.load_profile is load_profile
+
+
+def test_cli_calibrate_then_demo_with_the_profile(tmp_path, capsys):
+    from liteattention.cli import main as cli_main
+    from liteattention.models import save_demo_model
+
+    weights = save_demo_model(sharp_tiny_model(), tmp_path / "weights")
+    common = ["--weights", str(weights), "--steps", str(STEPS), "--block-m", str(BLOCK), "--block-n", str(BLOCK),
+              "--device", "cpu"]
+    cli_main(["calibrate", *common, "--max-error", "0.05", "--format", "toml", "--out", str(tmp_path / "cal")])
+    report = capsys.readouterr().out
+    assert "Calibrated profile: WanTransformer3DModel, 2 layers, 3 steps" in report
+    assert {p.name for p in (tmp_path / "cal").iterdir()} == {"profile.toml", "thresholds.png", "sparsity.png"}
+    profile = tmp_path / "cal" / "profile.toml"
+    cli_main(["demo", *common, "--warmup-steps", "0", "--profile", str(profile), "--out", str(tmp_path / "demo")])
+    assert "profile " + str(profile) in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_main(["demo", *common[:2], "--steps", "4", "--block-m", "16", "--block-n", "16", "--warmup-steps", "0",
+                  "--profile", str(profile)])
+    assert "3 steps (this run: 4" in capsys.readouterr().err

@@ -4,5 +4,17 @@ from .attention import LiteAttention, lite_attention
 from .schedule import ThresholdSchedule
 from .state import CallStats, SkipState, TileGeometry
 
-__all__ = ["CallStats", "LiteAttention", "SkipState", "ThresholdSchedule", "TileGeometry", "lite_attention"]
+__all__ = [
+    "CallStats", "LiteAttention", "Profile", "SkipState", "ThresholdSchedule", "TileGeometry", "calibrate",
+    "lite_attention", "load_profile",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Calibration needs diffusers (it runs pipelines): imported on first use, not with the operator.
+    if name in ("calibrate", "Profile", "load_profile"):
+        from . import calibration
+
+        return getattr(calibration, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

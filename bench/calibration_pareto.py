@@ -1,0 +1,146 @@
+"""Pareto evidence for calibration on the demo model: mean sparsity vs PSNR/SSIM to the dense
+video, on held-out prompts and seeds, for fixed thresholds (with and without dense warm-up steps)
+and for calibrated profiles at several budgets.
+
+    PYTHONPATH=src python bench/calibration_pareto.py --part fixed --out docs/calibration
+    PYTHONPATH=src python bench/calibration_pareto.py --part calibrated --out docs/calibration
+    PYTHONPATH=src python bench/calibration_pareto.py --part report --out docs/calibration
+
+Each part appends one JSON line per configuration to OUT/results.jsonl as it finishes (so the
+parts can run in parallel and a cut-short run keeps what it measured); ``report`` writes
+OUT/pareto.md (the table) and OUT/pareto.png. Every configuration is sampled with the operator
+itself (``apply_lite_attention``; the reference backend on the CPU), one held-out video at a
+time, and compared with that video's dense sample (plain SDPA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from liteattention.calibration import calibrate, load_profile
+from liteattention.commands.calibrate import demo_generator
+from liteattention.demo import video_psnr, video_ssim
+from liteattention.integrations import apply_lite_attention
+from liteattention.models import generate_video, load_demo_model
+from liteattention.models.video_data import DEMO_PROMPTS
+
+STEPS, BLOCK = 20, 64
+CALIBRATION = (DEMO_PROMPTS[:2], (0,))  # prompts, seeds
+HELD_OUT = [(DEMO_PROMPTS[2], 1), (DEMO_PROMPTS[3], 2)]  # other prompts, other seeds
+FIXED = [(-8.0, 4), (-6.0, 4), (-4.0, 4), (-3.0, 4), (-2.0, 4), (-6.0, 0), (-4.0, 0), (-6.0, 2), (-4.0, 2)]
+BUDGETS = [0.005, 0.01, 0.02]  # per-call rel-L2 bounds
+
+
+def _dense(model):
+    return [generate_video(model, p, num_steps=STEPS, seed=s, progress=False).frames for p, s in HELD_OUT]
+
+
+def evaluate(model, dense, **apply):
+    """Held-out videos with LiteAttention (``apply``: threshold= or profile=): mean sparsity over
+    steps, layers, branches and videos; PSNR and SSIM per video."""
+    sparsity, psnr, ssim = [], [], []
+    for (prompt, seed), reference in zip(HELD_OUT, dense, strict=True):
+        handle = apply_lite_attention(model.transformer, block_m=None if "profile" in apply else BLOCK,
+                                      block_n=None if "profile" in apply else BLOCK, **apply)
+        try:
+            video = generate_video(model, prompt, num_steps=STEPS, seed=seed, progress=False).frames
+            stats = handle.stats()
+        finally:
+            handle.remove()
+        sparsity.append(float(np.mean([row for branch in stats.values() for row in branch.values()])))
+        psnr.append(video_psnr(reference, video))
+        ssim.append(video_ssim(reference, video))
+    return {"sparsity": float(np.mean(sparsity)), "psnr": float(np.mean(psnr)), "psnr_min": float(min(psnr)),
+            "ssim": float(np.mean(ssim)), "psnr_per_video": psnr}
+
+
+def _append(out: Path, row: dict) -> None:
+    with (out / "results.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def run_fixed(model, out: Path) -> None:
+    dense = _dense(model)
+    for threshold, warmup in FIXED:
+        start = time.perf_counter()
+        schedule = [-math.inf] * warmup + [threshold] * (STEPS - warmup)
+        row = evaluate(model, dense, threshold=schedule)
+        _append(out, {"kind": "fixed", "threshold": threshold, "warmup": warmup, **row,
+                      "seconds": time.perf_counter() - start})
+
+
+def run_calibrated(model, out: Path) -> None:
+    dense = None
+    prompts, seeds = CALIBRATION
+    for bound in BUDGETS:
+        start = time.perf_counter()
+        profile = calibrate(prompts=prompts, seeds=seeds, max_error=bound, generate=demo_generator(model, STEPS),
+                            transformer=model.transformer, block_m=BLOCK, block_n=BLOCK, progress=True)
+        seconds = time.perf_counter() - start
+        path = profile.save(out / f"profile-rel_l2-{bound:g}.json")
+        dense = dense or _dense(model)
+        row = evaluate(model, dense, profile=load_profile(path))
+        cal = profile.calibration
+        _append(out, {"kind": "calibrated", "budget": f"per-call rel_l2 <= {bound:g}", "profile": path.name, **row,
+                      "calibration_sparsity": cal["mean_sparsity"], "calibration_psnr": cal["psnr_db"],
+                      "calibration_seconds": seconds, "violations": cal["violations"]})
+
+
+def _label(row: dict) -> str:
+    if row["kind"] == "fixed":
+        return f"fixed {row['threshold']:g}, {row['warmup']} dense steps"
+    return f"calibrated, {row['budget']}"
+
+
+def report(out: Path) -> None:
+    from matplotlib.figure import Figure
+
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    lines = ["| schedule | mean sparsity | PSNR (dB), mean / min | SSIM |", "|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (r["kind"], -r["psnr"])):
+        lines.append(f"| {_label(row)} | {100 * row['sparsity']:.1f}% | {row['psnr']:.2f} / {row['psnr_min']:.2f} | "
+                     f"{row['ssim']:.4f} |")
+    (out / "pareto.md").write_text("\n".join(lines) + "\n")
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    for kind, style in (("fixed", "o"), ("calibrated", "s")):
+        for warm in sorted({r.get("warmup", -1) for r in rows if r["kind"] == kind}):
+            chosen = sorted((r for r in rows if r["kind"] == kind and r.get("warmup", -1) == warm), key=lambda r: r["sparsity"])
+            label = f"fixed, {warm} dense steps" if kind == "fixed" else "calibrated (per-call rel-L2 budgets)"
+            x = [100 * r["sparsity"] for r in chosen]
+            left.plot(x, [r["psnr"] for r in chosen], f"-{style}", label=label)
+            right.plot(x, [r["ssim"] for r in chosen], f"-{style}", label=label)
+    for ax, name in ((left, "PSNR to dense (dB)"), (right, "SSIM to dense")):
+        ax.set_xlabel("mean tiles skipped (%)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.suptitle("Demo model, held-out prompts and seeds (higher and further right is better)", fontsize=10)
+    figure.savefig(out / "pareto.png", dpi=110)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("fixed", "calibrated", "report"), required=True)
+    parser.add_argument("--out", type=Path, default=Path("docs/calibration"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.part == "report":
+        report(args.out)
+        return
+    torch.set_num_threads(1)
+    model = load_demo_model("cpu", torch.float32)
+    (run_fixed if args.part == "fixed" else run_calibrated)(model, args.out)
+
+
+if __name__ == "__main__":
+    main()
