@@ -42,15 +42,15 @@ def _tile_scores(tile_max: torch.Tensor, geometry: TileGeometry, computed: torch
 
     computed: bool (C, Qt, Kt); markable: bool (Kt,); order: (Qt, Kt); row_valid: bool (Qt, BM).
     """
-    c = tile_max.shape[0]
+    c, nq = tile_max.shape[:2]
     g = geometry
-    index = order.view(1, g.q_tiles, 1, g.k_tiles).expand(c, -1, g.block_m, -1)
+    index = order.view(1, nq, 1, g.k_tiles).expand(c, -1, g.block_m, -1)
     visited = tile_max.gather(-1, index)  # in visit order
     computed_o = computed.gather(-1, order.expand(c, -1, -1))
     running = visited.masked_fill(~computed_o[:, :, None, :], -math.inf).cummax(-1).values
     m_prev = torch.cat([torch.full_like(running[..., :1], -math.inf), running[..., :-1]], -1)
     gap = visited - m_prev  # +inf before the first computed tile
-    gap = gap.masked_fill(~row_valid.view(1, g.q_tiles, g.block_m, 1), -math.inf)  # padding rows never veto
+    gap = gap.masked_fill(~row_valid.view(1, nq, g.block_m, 1), -math.inf)  # padding rows never veto
     score_o = gap.amax(2)  # (C, Qt, Kt) in visit order
     score_o = score_o.masked_fill(~computed_o | ~markable[order].unsqueeze(0), math.inf)
     score = torch.empty_like(score_o)
@@ -62,10 +62,20 @@ def _padded(t: torch.Tensor, length: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1]))
 
 
-def _chunks(batch: int, heads: int, per_pair: int) -> list[tuple[int, int, int]]:
-    """(batch index, first head, end head) chunks of at most CHUNK_ELEMENTS per chunk."""
-    step = max(1, min(heads, CHUNK_ELEMENTS // max(per_pair, 1)))
-    return [(b, h, min(h + step, heads)) for b in range(batch) for h in range(0, heads, step)]
+def _chunks(batch: int, heads: int, q_tiles: int, per_tile: int) -> list[tuple[int, int, int, int, int]]:
+    """(batch index, first head, end head, first q-tile, end q-tile) chunks of about CHUNK_ELEMENTS
+    elements each, ``per_tile`` being the elements one (head, q-tile) takes."""
+    tiles = max(1, CHUNK_ELEMENTS // max(per_tile, 1))  # (head, q-tile) pairs per chunk
+    if tiles >= q_tiles:
+        step = min(heads, tiles // q_tiles)
+        return [(b, h, min(h + step, heads), 0, q_tiles) for b in range(batch) for h in range(0, heads, step)]
+    return [(b, h, h + 1, t, min(t + tiles, q_tiles)) for b in range(batch) for h in range(heads)
+            for t in range(0, q_tiles, tiles)]
+
+
+def _rows(t: torch.Tensor, b: int, h0: int, h1: int, t0: int, t1: int, block: int, work: torch.dtype) -> torch.Tensor:
+    """Rows of tiles t0 .. t1 of t (B, S, H, D), heads h0 .. h1 of batch element b, as (C, rows, D) zero-padded."""
+    return _padded(t[b, t0 * block : t1 * block, h0:h1].transpose(0, 1).to(work), (t1 - t0) * block)
 
 
 def evaluate_call(
@@ -115,23 +125,23 @@ def evaluate_call(
     scale_log2 = scale * LOG2E
     outputs: dict[tuple[int, int], torch.Tensor] = {}  # chunk -> candidate outputs, when kept
     maxima: dict[tuple[int, int], torch.Tensor] = {}  # chunk -> tile row maxima (C, Qt, BM, Kt), when kept
-    per_pair = g.q_tiles * g.block_m * max(g.k_tiles * g.block_n, g.k_tiles * head_dim, buckets * head_dim, count * head_dim)
-    chunks = _chunks(batch, heads, per_pair)
+    per_tile = g.block_m * max(g.k_tiles * g.block_n, g.k_tiles * head_dim, buckets * head_dim, count * head_dim)
+    chunks = _chunks(batch, heads, g.q_tiles, per_tile)
     keep = len(chunks) == 1 or batch * heads * g.q_tiles * g.block_m * count * head_dim <= KEEP_ELEMENTS
-    for b, h0, h1 in chunks:
-        qc = _padded(q[b, :, h0:h1].transpose(0, 1).to(work), g.q_tiles * g.block_m)  # (C, Sq', D)
-        kc = _padded(k[b, :, h0:h1].transpose(0, 1).to(work), g.k_tiles * g.block_n)
-        vc = _padded(v[b, :, h0:h1].transpose(0, 1).to(work), g.k_tiles * g.block_n)
-        c = h1 - h0
+    for b, h0, h1, t0, t1 in chunks:
+        c, nq = h1 - h0, t1 - t0
+        qc = _rows(q, b, h0, h1, t0, t1, g.block_m, work)  # (C, nq * BM, D)
+        kc = _rows(k, b, h0, h1, 0, g.k_tiles, g.block_n, work)
+        vc = _rows(v, b, h0, h1, 0, g.k_tiles, g.block_n, work)
         s = (qc @ kc.transpose(1, 2)) * scale_log2
         s.masked_fill_(~key_valid, -math.inf)
-        s = s.view(c, g.q_tiles, g.block_m, g.k_tiles, g.block_n)
-        skipped = mask[b, h0:h1].view(c, g.q_tiles, 1, g.k_tiles, 1)
+        s = s.view(c, nq, g.block_m, g.k_tiles, g.block_n)
+        skipped = mask[b, h0:h1, t0:t1].view(c, nq, 1, g.k_tiles, 1)
         # Shares of skipped tiles against the dense row max, the others against the row max over
         # the computed tiles, so that no candidate's kept sum underflows.
         tile_max = s.amax(-1, keepdim=True)  # (C, Qt, BM, Kt, 1)
         if keep:
-            maxima[(b, h0)] = tile_max.squeeze(-1)
+            maxima[(b, h0, t0)] = tile_max.squeeze(-1)
         m_dense = tile_max.amax(3, keepdim=True)
         m_kept = tile_max.masked_fill(skipped, -math.inf).amax(3, keepdim=True)
         p = torch.exp2(s - torch.where(skipped, m_dense, m_kept))
@@ -139,21 +149,21 @@ def evaluate_call(
         shares_l = p.sum(-1)  # (C, Qt, BM, Kt)
         shares_n = torch.einsum("cqmkn,cknd->cqmkd", p, vc.view(c, g.k_tiles, g.block_n, head_dim))
         del p
-        idx = bucket[b, h0:h1].view(c, g.q_tiles, 1, g.k_tiles)
-        by_bucket_l = torch.zeros(c, g.q_tiles, g.block_m, buckets, dtype=work, device=device)
+        idx = bucket[b, h0:h1, t0:t1].view(c, nq, 1, g.k_tiles)
+        by_bucket_l = torch.zeros(c, nq, g.block_m, buckets, dtype=work, device=device)
         by_bucket_l.scatter_add_(-1, idx.expand(-1, -1, g.block_m, -1), shares_l)
-        by_bucket_n = torch.zeros(c, g.q_tiles, g.block_m, buckets, head_dim, dtype=work, device=device)
+        by_bucket_n = torch.zeros(c, nq, g.block_m, buckets, head_dim, dtype=work, device=device)
         by_bucket_n.scatter_add_(3, idx.unsqueeze(-1).expand(-1, -1, g.block_m, -1, head_dim), shares_n)
         del shares_l, shares_n
         # Kept shares of candidate i: buckets i .. G (a sum of kept parts only, no cancellation).
         kept_l = by_bucket_l[..., :-1].flip(3).cumsum(3).flip(3)[..., :count]  # (C, Qt, BM, count)
         kept_n = by_bucket_n[..., :-1, :].flip(3).cumsum(3).flip(3)[..., :count, :]
         cand = kept_n / kept_l.clamp_min(torch.finfo(work).tiny).unsqueeze(-1)  # (C, Qt, BM, count, D)
-        rescale = torch.exp2(m_kept - m_dense).view(c, g.q_tiles, g.block_m)  # <= 1
+        rescale = torch.exp2(m_kept - m_dense).view(c, nq, g.block_m)  # <= 1
         total_l = by_bucket_l[..., -1] + kept_l[..., 0] * rescale
         total_n = by_bucket_n[..., -1, :] + kept_n[..., 0, :] * rescale.unsqueeze(-1)
         dense = total_n / total_l.unsqueeze(-1)  # (C, Qt, BM, D)
-        valid = row_valid.view(1, g.q_tiles, g.block_m, 1)
+        valid = row_valid[t0:t1].view(1, nq, g.block_m, 1)
         diff = (cand - dense.unsqueeze(3)) * valid.unsqueeze(-1)
         ref = dense * valid
         if metric == "rel_l2":
@@ -166,7 +176,7 @@ def evaluate_call(
             cos = torch.nn.functional.cosine_similarity(cand, dense.unsqueeze(3).expand_as(cand), dim=-1)
             sum_diff[b] += ((1.0 - cos.double()) * valid).sum((0, 1, 2))
         if keep:
-            outputs[(b, h0)] = cand
+            outputs[(b, h0, t0)] = cand
     if metric == "rel_l2":
         errors = (sum_diff / sum_ref.clamp_min(1e-300).unsqueeze(1)).sqrt()
     elif metric == "l1":
@@ -203,23 +213,24 @@ class Committer:
         scale_log2 = self._scale * LOG2E
         out = torch.empty(batch, heads, g.q_tiles * g.block_m, head_dim, dtype=work, device=device)
         scores = torch.empty(batch, heads, g.q_tiles, g.k_tiles, dtype=work, device=device)
-        for b, h0, h1 in self._chunks:
-            c = h1 - h0
-            computed = ~mask[b, h0:h1]
+        for b, h0, h1, t0, t1 in self._chunks:
+            c, nq = h1 - h0, t1 - t0
+            rows = slice(t0 * g.block_m, t1 * g.block_m)
+            computed = ~mask[b, h0:h1, t0:t1]
             if self._outputs is not None:
                 outputs, maxima = self._outputs
-                scores[b, h0:h1] = _tile_scores(maxima[(b, h0)], g, computed, markable, order, row_valid)
-                out[b, h0:h1] = outputs[(b, h0)][:, :, :, candidate].flatten(1, 2)
-                continue
-            qc = _padded(q[b, :, h0:h1].transpose(0, 1).to(work), g.q_tiles * g.block_m)
-            kc = _padded(k[b, :, h0:h1].transpose(0, 1).to(work), g.k_tiles * g.block_n)
-            s = (qc @ kc.transpose(1, 2)) * scale_log2
-            s.masked_fill_(~key_valid, -math.inf)
-            tile_max = s.view(c, g.q_tiles, g.block_m, g.k_tiles, g.block_n).amax(-1)
-            scores[b, h0:h1] = _tile_scores(tile_max, g, computed, markable, order, row_valid)
-            vc = _padded(v[b, :, h0:h1].transpose(0, 1).to(work), g.k_tiles * g.block_n)
-            skipped = (~computed).repeat_interleave(g.block_m, 1).repeat_interleave(g.block_n, 2)
-            s.masked_fill_(skipped, -math.inf)
-            out[b, h0:h1] = torch.softmax(s * math.log(2.0), -1) @ vc
+                tile_max = maxima[(b, h0, t0)]
+                out[b, h0:h1, rows] = outputs[(b, h0, t0)][:, :, :, candidate].flatten(1, 2)
+            else:
+                qc = _rows(q, b, h0, h1, t0, t1, g.block_m, work)
+                kc = _rows(k, b, h0, h1, 0, g.k_tiles, g.block_n, work)
+                vc = _rows(v, b, h0, h1, 0, g.k_tiles, g.block_n, work)
+                s = (qc @ kc.transpose(1, 2)) * scale_log2
+                s.masked_fill_(~key_valid, -math.inf)
+                tile_max = s.view(c, nq, g.block_m, g.k_tiles, g.block_n).amax(-1)
+                skipped = (~computed).repeat_interleave(g.block_m, 1).repeat_interleave(g.block_n, 2)
+                s.masked_fill_(skipped, -math.inf)
+                out[b, h0:h1, rows] = torch.softmax(s * math.log(2.0), -1) @ vc
+            scores[b, h0:h1, t0:t1] = _tile_scores(tile_max, g, computed, markable, order[t0:t1], row_valid[t0:t1])
         output = out[:, :, :seq_q].transpose(1, 2).to(q.dtype)
         return output, mask, scores
