@@ -34,7 +34,8 @@ from liteattention.models.video_data import DEMO_PROMPTS
 STEPS, BLOCK = 20, 64
 CALIBRATION = (DEMO_PROMPTS[:2], (0,))  # prompts, seeds
 HELD_OUT = [(DEMO_PROMPTS[2], 1), (DEMO_PROMPTS[3], 2)]  # other prompts, other seeds
-FIXED = [(-8.0, 4), (-6.0, 4), (-4.0, 4), (-3.0, 4), (-2.0, 4), (-6.0, 0), (-4.0, 0), (-6.0, 2), (-4.0, 2)]
+# (threshold, dense warm-up steps), most informative first: a cut-short run keeps those.
+FIXED = [(-6.0, 4), (-4.0, 4), (-6.0, 0), (-3.0, 4), (-4.0, 0), (-8.0, 4), (-2.0, 4), (-8.0, 0), (-4.0, 2)]
 BUDGETS = [0.005, 0.01, 0.02]  # per-call rel-L2 bounds
 
 

@@ -120,7 +120,7 @@ def test_budgets_hold_on_the_calibration_prompts(tiny_calibration):
     cal = profile.calibration
     assert cal["met"] == {"max_error": True, "min_psnr": True}
     assert cal["mean_sparsity"] > 0.0 and min(cal["psnr_db"]) >= 30.0
-    assert cal["max_call_error"] <= 0.05 and cal["violations"] == 0
+    assert cal["max_call_error"] <= 0.05
     # Applied with the operator itself, one video at a time: the same bounds.
     for prompt in PROMPTS:
         errors, videos = _errors_with_operator(model, profile, [prompt], [0])
