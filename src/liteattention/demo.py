@@ -172,11 +172,9 @@ def _sample(
 def _compile_kernels(model: DemoVideoModel, config: DemoConfig) -> None:
     """Sample briefly with both thresholds so that Triton compiles its kernel variants (marking
     or not, with or without a work list) before the timed runs, not during the first one."""
-    short = dataclasses.replace(config, steps=2, warmup_steps=0)
+    short = dataclasses.replace(config, steps=2, warmup_steps=0, profile=None)
     for threshold in ([-math.inf], [config.threshold]):
         _sample(model, short, threshold, progress=False)
-    if config.profile is not None:  # marking on: the same kernel variants as above
-        return
 
 
 def _schedule_name(config: DemoConfig) -> str:
