@@ -244,3 +244,14 @@ def test_cli_calibrate_then_demo_with_the_profile(tmp_path, capsys):
         cli_main(["demo", *common[:2], "--steps", "4", "--block-m", "16", "--block-n", "16", "--warmup-steps", "0",
                   "--profile", str(profile)])
     assert "3 steps (this run: 4" in capsys.readouterr().err
+
+
+def test_sparsity_target_takes_the_least_bound_that_reaches_it(tiny_calibration):
+    model, _ = tiny_calibration
+    profile = calibrate(prompts=PROMPTS[:1], target_sparsity=0.01, generate=demo_generator(model, STEPS),
+                        transformer=model.transformer, grid=GRID, block_m=BLOCK, block_n=BLOCK, max_trials=2,
+                        progress=False)
+    cal = profile.calibration
+    assert cal["met"] == {"target_sparsity": True} and cal["mean_sparsity"] >= 0.01
+    reaching = [t for t in cal["trials"] if t["mean_sparsity"] >= 0.01]
+    assert cal["per_call_bound"] == min(t["per_call_bound"] for t in reaching)
