@@ -87,6 +87,19 @@ class Trial:
         return min(self.psnr) if self.psnr else math.nan
 
 
+def step_weight(step: int, steps: int | None) -> float:
+    """Share of the per-call bound for the marks of ``step`` in a ``steps``-step generation:
+    (step + 1) / (steps - 1), rising linearly to 1 at the last step that marks for a later one.
+
+    A mark made at step t is skipped in every later call, while the attention keeps moving:
+    marks of the early, noisy steps are the least reliable (``docs/coherence.md``: step 0 is the
+    exception to persistence) and their error compounds through the most steps. The ramp makes the search stricter there; how strict, per layer, is still the
+    search's choice. 1 when the step count is unknown."""
+    if steps is None or steps < 2:
+        return 1.0
+    return min(1.0, (step + 1) / (steps - 1))
+
+
 class _Series:
     """The mask and pending scores of one (branch, layer) along the trajectory."""
 
@@ -101,9 +114,10 @@ class TrajectoryProbe:
     search at per-call bound ``eps`` and answers every call with its committed output."""
 
     def __init__(self, handle: Any, *, eps: float, metric: str, grid: Sequence[float], block_m: int | None,
-                 block_n: int | None) -> None:
+                 block_n: int | None, steps: int | None = None) -> None:
         self._handle = handle
         self.eps, self.metric = eps, metric
+        self._steps = steps  # known: the marks of step t get the bound eps * step_weight(t, steps)
         self._grid = sorted(float(t) for t in grid)
         self._blocks = (block_m, block_n)
         self.series: dict[tuple[int, int], _Series] = {}
@@ -139,7 +153,8 @@ class TrajectoryProbe:
         worst = errors.max(0).values  # over the batch
         chosen = 0
         if series.step >= 0:
-            within = (worst <= self.eps).nonzero().flatten().tolist()
+            bound = self.eps * step_weight(series.step, self._steps)
+            within = (worst <= bound).nonzero().flatten().tolist()
             chosen = max(within) if within else 0
             if not within:
                 self.violations += 1
@@ -214,13 +229,15 @@ class Calibrator:
 
     def __init__(self, generate: Generate, transformer: torch.nn.Module, prompts: Sequence[str], seeds: Sequence[int],
                  *, metric: str, grid: Sequence[float], block_m: int | None, block_n: int | None,
-                 progress: bool = True) -> None:
+                 ramp: bool = True, progress: bool = True) -> None:
         self.generate, self.transformer = generate, transformer
         self.prompts = [p for p in prompts for _ in seeds]
         self.seeds = [s for _ in prompts for s in seeds]
         self.metric, self.grid = metric, tuple(grid)
         self.block_m, self.block_n = block_m, block_n
         self.progress = progress
+        self.ramp = ramp
+        self.steps: int | None = None
         self.dense: torch.Tensor | None = None
         self.trials: list[Trial] = []
         self.timesteps: list[float] = []
@@ -234,8 +251,14 @@ class Calibrator:
             tqdm.write(text)
 
     def run_dense(self) -> torch.Tensor:
+        """The dense videos (the PSNR reference); also counts the generation's steps."""
         start = time.perf_counter()
-        self.dense = self.generate(self.prompts, self.seeds).detach().float().cpu()
+        recorder = _TimestepRecorder(self.transformer)
+        try:
+            self.dense = self.generate(self.prompts, self.seeds).detach().float().cpu()
+        finally:
+            recorder.remove()
+        self.steps = len(recorder.per_step())
         self.dense_seconds = time.perf_counter() - start
         return self.dense
 
@@ -246,7 +269,7 @@ class Calibrator:
         start = time.perf_counter()
         handle = apply_lite_attention(self.transformer, -math.inf, block_m=self.block_m, block_n=self.block_n)
         probe = TrajectoryProbe(handle, eps=eps, metric=self.metric, grid=self.grid, block_m=self.block_m,
-                                block_n=self.block_n)
+                                block_n=self.block_n, steps=self.steps if self.ramp else None)
         recorder = _TimestepRecorder(self.transformer)
         try:
             with handle.intercept(probe):
@@ -286,6 +309,7 @@ class Calibrator:
                 "seeds": list(self.seeds),
                 "metric": self.metric,
                 "per_call_bound": trial.eps,
+                "step_weights": "linear ramp (step + 1) / (steps - 1)" if self.ramp else "uniform",
                 "grid": list(self.grid),
                 "mean_sparsity": trial.mean_sparsity,
                 "sparsity_per_step": trial.sparsity.mean((0, 2)).tolist(),
@@ -365,6 +389,7 @@ def calibrate(
     block_m: int | None = None,
     block_n: int | None = None,
     max_trials: int = 6,
+    ramp: bool = True,
     progress: bool = True,
     **pipeline_kwargs: Any,
 ) -> Profile:
@@ -384,6 +409,9 @@ def calibrate(
         grid: candidate thresholds (log2) besides -inf.
         block_m, block_n: tile sizes (None: the operator's defaults for the head dim).
         max_trials: trajectories per search phase (each one generation of the batch).
+        ramp: select the marks of step t with the per-call bound scaled by (t + 1) / (steps - 1)
+            (see ``step_weight``), stricter at the early steps; False: the same bound at every step.
+            The ``max_error`` constraint holds for every call either way.
 
     Returns:
         A :class:`Profile`; ``profile.calibration`` holds what it reached on the calibration
@@ -410,7 +438,7 @@ def calibrate(
 
     start_time = time.perf_counter()
     cal = Calibrator(generate, transformer, prompts, seeds, metric=metric, grid=grid, block_m=block_m,
-                     block_n=block_n, progress=progress)
+                     block_n=block_n, ramp=ramp, progress=progress)
     cal._note(f"calibrating {len(cal.prompts)} videos: dense reference")
     cal.run_dense()
     high = max_error if max_error is not None else DEFAULT_MAX_ERROR[metric]
