@@ -15,7 +15,7 @@ from liteattention.calibration.tiles import evaluate_call
 from liteattention.commands.calibrate import demo_generator, generate_videos
 from liteattention.integrations import apply_lite_attention
 from liteattention.models import generate_video
-from liteattention.plan import build_plan, must_do_tiles
+from liteattention.plan import anchor_tiles, build_plan, must_do_tiles, visit_order
 from liteattention.reference import reference_forward
 from liteattention.state import TileGeometry
 
@@ -34,6 +34,7 @@ def _inputs(seed: int = 0):
     must_do = ((20, 30),)
     mask = torch.rand(2, 3, geometry.q_tiles, geometry.k_tiles, generator=g) < 0.2
     mask &= ~must_do_tiles(must_do, geometry, q.device)
+    mask &= ~anchor_tiles(visit_order(geometry, q.device), torch.zeros(geometry.k_tiles, dtype=torch.bool))
     return q, k, v, geometry, must_do, mask
 
 

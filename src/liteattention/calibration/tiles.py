@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import torch
 
-from ..plan import must_do_tiles, visit_order
+from ..plan import anchor_tiles, must_do_tiles, visit_order
 from ..reference import LOG2E
 from ..state import TileGeometry
 
@@ -109,7 +109,10 @@ def evaluate_call(
     count = 1 + (len(grid) if previous_scores is not None else 0)
     if mask is None:
         mask = torch.zeros(batch, heads, g.q_tiles, g.k_tiles, dtype=torch.bool, device=device)
-    mask = mask & ~must_do_tiles(must_do, g, device)  # must-do tiles are always computed
+    # Must-do tiles and each q-tile's anchor (its first visited tile) are always computed.
+    order = visit_order(g, device)
+    anchors = anchor_tiles(order, torch.zeros(g.k_tiles, dtype=torch.bool, device=device))
+    mask = mask & ~must_do_tiles(must_do, g, device) & ~anchors
     # Bucket of each tile: 0..G-1 = first marked by grid[i] (candidate i + 1 on), G = never
     # marked, G + 1 = skipped already.
     buckets = len(grid) + 2
