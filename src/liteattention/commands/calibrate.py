@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from tqdm.auto import tqdm
 
+# Light to import (the command line builds its options from CalibrateConfig): matplotlib and
+# diffusers load with the functions that need them.
 from ..experiment import DEFAULT_BLOCK, DEFAULT_STEPS, check_int, resolve_device, resolve_dtype
 from ..models.video_data import DEMO_PROMPTS, tokenize
 from ..state import check_block_sizes
@@ -156,6 +155,10 @@ def run_calibration(config: CalibrateConfig, model: Any = None):
 
 def plot_thresholds(profile: Any, path: Path) -> Path:
     """PNG heatmap of the thresholds, step x layer, one panel per CFG branch (grey = -inf)."""
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     values = np.array(profile.thresholds, dtype=float)  # (branches, steps, layers)
     finite = values[np.isfinite(values)]
     low, high = (finite.min(), finite.max()) if finite.size else (-20.0, 0.0)
@@ -182,6 +185,9 @@ def plot_thresholds(profile: Any, path: Path) -> Path:
 
 def plot_sparsity(profile: Any, path: Path) -> Path:
     """PNG of the fraction of tiles skipped per step on the calibration videos."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     figure = Figure(figsize=(7, 3.8), layout="constrained")
     ax = figure.subplots()
     per_step = profile.calibration["sparsity_per_step"]
