@@ -73,8 +73,10 @@ def _append(out: Path, row: dict) -> None:
 
 
 def run_fixed(model, out: Path) -> None:
-    dense = _dense(model)
-    for threshold, warmup in FIXED:
+    done = {(r["threshold"], r["warmup"]) for r in _rows(out) if r["kind"] == "fixed"}
+    todo = [config for config in FIXED if config not in done]  # a rerun resumes
+    dense = _dense(model) if todo else None
+    for threshold, warmup in todo:
         start = time.perf_counter()
         schedule = [-math.inf] * warmup + [threshold] * (STEPS - warmup)
         row = evaluate(model, dense, threshold=schedule)

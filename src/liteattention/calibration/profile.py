@@ -293,7 +293,10 @@ class Profile:
         text = _dumps(self.to_dict(), _format_of(path))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        umask = os.umask(0)
+        os.umask(umask)
         try:
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; a profile is an ordinary file
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()
