@@ -47,13 +47,7 @@ def _model_and_inputs():
 
 def _run(model, inputs, threshold):
     """Three steps; per step the output and the masks after it."""
-    handle = apply_lite_attention(model, threshold, block_m=BLOCK, block_n=BLOCK)
-    outs, masks = [], []
-    for t in TIMESTEPS:
-        with torch.no_grad():
-            outs.append(model(**inputs, timestep=torch.full((1,), t), return_dict=False)[0])
-        masks.append(handle.masks())
-    return {"outs": outs, "masks": masks, "stats": handle.stats()}
+    return _run_with(apply_lite_attention(model, threshold, block_m=BLOCK, block_n=BLOCK), model, inputs)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
