@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -53,3 +54,21 @@ def test_commands_without_the_demo_extra_say_what_to_install(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1
     assert "liteattention demo needs matplotlib, which the demo extra installs: pip install 'liteattention[demo]'" in result.stderr
+
+
+def test_a_triton_that_cannot_build_the_gluon_kernel_is_named_once(monkeypatch):
+    """Where only the Triton release keeps a Hopper GPU on the portable kernel, the choice says so
+    and the warning names the release and the kernel that runs instead, once per reason."""
+    from liteattention import kernels
+    from liteattention.state import TileGeometry
+
+    why = "Triton 3.5.1 predates the Gluon API the kernel is written for (3.6 on)"
+    monkeypatch.setattr(kernels, "_gluon", lambda: (None, why))
+    choice = kernels.choose_kernel(torch.device("cuda"), TileGeometry(4096, 4096, 128, 64), 128, (9, 0))
+    assert choice == kernels.KernelChoice("portable", why, triton_bound=True)
+    kernels._warn_portable_on_hopper.cache_clear()
+    with pytest.warns(UserWarning, match="Triton 3.5.1 predates .* the portable Triton kernel runs instead"):
+        kernels._warn_portable_on_hopper(why)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels._warn_portable_on_hopper(why)  # once
