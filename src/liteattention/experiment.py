@@ -23,8 +23,23 @@ if TYPE_CHECKING:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class Placement:
+    """The torch device and dtype of a config's ``device`` and ``dtype`` options."""
+
+    device: str
+    dtype: str
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype, self.torch_device)
+
+
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Placement):
     """Options shared by the commands that sample one video from the demo model."""
 
     prompt: str = DEMO_PROMPTS[0]
@@ -51,14 +66,6 @@ class RunConfig:
             raise ValueError(f"guidance_scale: expected a float >= 1.0, got {self.guidance_scale!r}")
         check_block_sizes(self.block_m, self.block_n)
         resolve_dtype(self.dtype, resolve_device(self.device))
-
-    @property
-    def torch_device(self) -> torch.device:
-        return resolve_device(self.device)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return resolve_dtype(self.dtype, self.torch_device)
 
     def sample(self, model: DemoVideoModel, *, progress: bool, **kwargs: Any) -> GeneratedVideo:
         """The video these options describe (prompt, steps, guidance, seed); ``kwargs`` go to

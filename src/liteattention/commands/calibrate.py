@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 # Light to import (the command line builds its options from CalibrateConfig): matplotlib and
 # diffusers load with the functions that need them.
-from ..experiment import DEFAULT_BLOCK, DEFAULT_STEPS, check_int, resolve_device, resolve_dtype
+from ..experiment import DEFAULT_BLOCK, DEFAULT_STEPS, Placement, check_int, resolve_device, resolve_dtype
 from ..models.video_data import DEMO_PROMPTS, tokenize
 from ..state import check_block_sizes
 
@@ -35,7 +35,7 @@ BRANCH_NAMES = ("cond", "uncond")
 
 
 @dataclass(frozen=True)
-class CalibrateConfig:
+class CalibrateConfig(Placement):
     """Options of ``liteattention calibrate``."""
 
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
@@ -77,14 +77,6 @@ class CalibrateConfig:
         if self.format not in ("json", "toml"):
             raise ValueError(f"format: expected 'json' or 'toml', got {self.format!r}")
         resolve_dtype(self.dtype, resolve_device(self.device))
-
-    @property
-    def torch_device(self) -> torch.device:
-        return resolve_device(self.device)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return resolve_dtype(self.dtype, self.torch_device)
 
 
 @torch.no_grad()
