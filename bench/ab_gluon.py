@@ -38,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from liteattention.bench import interleaved_ms, make_mask
 from liteattention.kernels import gluon_forward
-from liteattention.kernels import triton_forward as tf
+from liteattention.kernels import plan_work
 from liteattention.plan import range_words
 from liteattention.state import TileGeometry, pack_bits
 
@@ -65,7 +65,7 @@ class Shape:
         self.stats = torch.zeros(3, dtype=torch.int64, device="cuda")
 
     def plan(self, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tf.plan_work(bits, self.do_words, self.skip_words, self.g, self.stats)
+        return plan_work(bits, self.do_words, self.skip_words, self.g, self.stats)
 
     def call(self, module: ModuleType, bits=None, threshold=-math.inf, work=None, use_list=True) -> torch.Tensor:
         """Dense mode (use_list=False); else the given work list, or one planned from bits (zero when

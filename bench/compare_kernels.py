@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from liteattention.bench import interleaved_ms, make_mask
 from liteattention.kernels import gluon_forward as gf
+from liteattention.kernels import plan_work
 from liteattention.kernels import triton_forward as tf
 from liteattention.plan import range_words
 from liteattention.state import TileGeometry, pack_bits
@@ -53,7 +54,7 @@ def main() -> None:
             stats = torch.zeros(3, dtype=torch.int64, device="cuda")
 
             def run(forward, bits, threshold, use_list=True, **kw):
-                work = tf.plan_work(bits, do_words, skip_words, g, stats) if use_list else None
+                work = plan_work(bits, do_words, skip_words, g, stats) if use_list else None
                 return forward(q, k, v, g, scale=scale, threshold=threshold, bits=bits if use_list else None,
                                work=work, stats=stats, return_lse=False, **kw)[0]
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from liteattention.bench import interleaved_ms, make_mask
+from liteattention.kernels import STATS, plan_work
 from liteattention.kernels import triton_forward as tf
 from liteattention.plan import range_words
 from liteattention.state import TileGeometry, pack_bits
@@ -45,7 +46,7 @@ def main() -> None:
             ref = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
         g = TileGeometry(s, s, bm, bn)
         do_words, skip_words = range_words(g, (), (), q.device)
-        stats = torch.zeros(tf.STATS, dtype=torch.int64, device="cuda")
+        stats = torch.zeros(STATS, dtype=torch.int64, device="cuda")
         zero = torch.zeros(b, h, g.q_tiles, g.words, dtype=torch.int32, device="cuda")
         half = pack_bits(make_mask("random", 0.5, g, b, h, q.device))
         bits = zero.clone()
@@ -53,7 +54,7 @@ def main() -> None:
         def run(config, mask=None, threshold=-math.inf):
             """Dense mode without a mask; else plan from the mask and walk the list, marking into it
             when threshold > -inf."""
-            work = None if mask is None else tf.plan_work(mask, do_words, skip_words, g, stats)
+            work = None if mask is None else plan_work(mask, do_words, skip_words, g, stats)
             return tf.triton_forward(q, k, v, g, scale=d**-0.5, threshold=threshold, bits=mask, work=work,
                                      stats=stats, return_lse=False, config=config)[0]
 

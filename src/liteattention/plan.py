@@ -1,7 +1,7 @@
 """Per-call work planning: which tiles each q-tile computes, in which order, and which may be marked.
 
 The reference walks a TilePlan tile by tile; the Triton backend builds the same plan on the GPU
-(kernels/triton_forward.py: _plan_work) from the packed mask and the tile flags made here.
+(kernels/worklist.py: plan_work) from the packed mask and the tile flags made here.
 """
 
 from __future__ import annotations
