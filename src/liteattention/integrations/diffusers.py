@@ -87,7 +87,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXTransformer3DModel
 from diffusers.models.transformers.transformer_hunyuan_video import (
