@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..experiment import jsonable
 from ..schedule import check_threshold
 from ..state import ALLOWED_BLOCKS
 
@@ -408,16 +409,6 @@ def _format_of(path: Path) -> str:
 # -------------------------------------------------------------------------------------------------
 
 
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return value
-
-
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -451,7 +442,7 @@ def _toml_table(data: Mapping[str, Any], prefix: str, lines: list[str]) -> None:
 
 def _dumps(data: Mapping[str, Any], fmt: str) -> str:
     if fmt == "json":
-        return json.dumps(_json_ready(data), indent=1) + "\n"
+        return json.dumps(jsonable(data), indent=1) + "\n"
     lines: list[str] = []
     _toml_table(data, "", lines)
     return "\n".join(lines) + "\n"
