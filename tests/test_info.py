@@ -10,7 +10,7 @@ import triton
 
 from liteattention import __version__
 from liteattention.cli import main
-from liteattention.info import kernel_table, report
+from liteattention.info import kernel_table, quant_support, report
 
 
 def test_version(capsys):
@@ -37,6 +37,12 @@ def test_kernel_choice_on_hopper_and_elsewhere():
     ampere = kernel_table(torch.device("cuda"), (8, 0))
     assert {kernel for _, _, kernel, _ in ampere} == {"portable"}
     assert all(why == "sm_80: the Gluon kernel is built for sm_90 (Hopper)" for *_, why in ampere)
+
+
+def test_info_says_where_the_8_bit_path_runs():
+    assert "runs on the portable kernel" in quant_support(torch.device("cuda"), (9, 0))
+    assert "needs FP8 tensor cores" in quant_support(torch.device("cuda"), (8, 0))
+    assert "The 8-bit path (quant='qk_int8_pv_fp8')" in report()
 
 
 def test_the_portable_kernel_is_forced_by_the_environment(monkeypatch):

@@ -158,6 +158,33 @@ def test_marking_skips_later_steps_and_never_the_text_keys(name: str) -> None:
         assert not any(m[..., text_tiles].any() for m in masks.values())
 
 
+def test_the_8_bit_path_runs_in_every_patched_layer() -> None:
+    """quant= reaches every layer's op: the output is close to the model's (8-bit error), differs
+    from the 16-bit path's, and the layers still mark."""
+    model, inputs = build("wan")
+    unpatched = copy.deepcopy(model)
+    calls = []
+
+    def counting(run, layer, q, k, v, **kwargs):
+        calls.append(layer)
+        return run(layer, q, k, v, **kwargs)
+
+    with apply_lite_attention(model, 0.0, block_m=BLOCK, block_n=BLOCK, quant="qk_int8_pv_fp8") as handle:
+        with handle.intercept(counting):
+            quantized = [forward(model, inputs, t) for t in TIMESTEPS]
+        assert len(calls) == len(TIMESTEPS) * len(handle.layers)
+        assert all(per_step[-1] > 0.0 for per_step in handle.stats()[0].values())
+    with apply_lite_attention(model, float("-inf"), block_m=BLOCK, block_n=BLOCK, quant="qk_int8_pv_fp8"):
+        dense_8_bit = forward(model, inputs, TIMESTEPS[0])
+    with apply_lite_attention(model, float("-inf"), block_m=BLOCK, block_n=BLOCK):
+        dense_16_bit = forward(model, inputs, TIMESTEPS[0])
+    reference = forward(unpatched, inputs, TIMESTEPS[0])
+    assert rel_err(dense_8_bit, reference) < 5e-2 and not torch.equal(dense_8_bit, dense_16_bit)
+    assert torch.equal(quantized[0], dense_8_bit)  # step 0 marks but skips nothing
+    with pytest.raises(ValueError, match="quant must be None or one of"):
+        apply_lite_attention(model, quant="fp8")
+
+
 def test_cfg_branches_keep_separate_masks() -> None:
     model, cond = build("wan")
     uncond = dict(cond, encoder_hidden_states=torch.zeros_like(cond["encoder_hidden_states"]))

@@ -1,11 +1,12 @@
 """LiteAttention: evolutionary tile skipping for the self-attention of video diffusion transformers."""
 
 from .attention import LiteAttention, lite_attention
+from .quantize import Quant
 from .schedule import ThresholdSchedule
 from .state import CallStats, SkipState, TileGeometry
 
 __all__ = [
-    "CallStats", "LiteAttention", "Profile", "SkipState", "ThresholdSchedule", "TileGeometry", "calibrate",
+    "CallStats", "LiteAttention", "Profile", "Quant", "SkipState", "ThresholdSchedule", "TileGeometry", "calibrate",
     "lite_attention", "load_profile",
 ]
 __version__ = "0.1.0"

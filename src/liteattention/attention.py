@@ -10,6 +10,7 @@ from typing import Literal, Union, overload
 import torch
 
 from .plan import RangesLike, build_plan, normalize_ranges, range_flags
+from .quantize import Quant, check_quant, quantize_inputs
 from .reference import reference_forward
 from .schedule import ThresholdLike, ThresholdSchedule, check_int, check_threshold, is_real
 from .state import CallStats, SkipState, TileGeometry, check_block_sizes, default_block_sizes, pack_bits
@@ -96,6 +97,7 @@ def lite_attention(
     must_skip: RangesLike = None,
     backend: Backend = "auto",
     step: int | None = None,
+    quant: Quant | None = None,
 ) -> Output:
     """Softmax attention that skips the tiles ``state`` marks and marks newly negligible ones.
 
@@ -105,8 +107,11 @@ def lite_attention(
     (q's shape and dtype), and the LSE (B, H, Sq) float32 if ``return_lse``.
     The state must have been built for these shapes (see ``SkipState.for_inputs``); ``step``
     (the denoising step, default: the state's call counter) is recorded in its statistics.
+    ``quant="qk_int8_pv_fp8"`` runs the 8-bit path (``liteattention.quantize``): Q and K in int8,
+    K smoothed, V and P in FP8; it marks from the scores it computes.
     """
     backend_name = check_inputs(q, k, v, backend)
+    check_quant(quant)
     threshold = check_threshold(threshold)
     scale = check_scale(scale, q.shape[3])
     if step is not None:
@@ -128,19 +133,25 @@ def lite_attention(
     mark = state is not None and threshold != -math.inf
 
     if backend_name == "triton":
-        out, lse, stats = _triton_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, return_lse)
+        out, lse, stats = _triton_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, return_lse, quant)
     else:
-        out, lse, stats = _reference_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, mark)
+        out, lse, stats = _reference_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, mark, quant)
     if state is not None:
         state.record(threshold, stats, step)
     return (out, lse) if return_lse else out
 
 
-def _reference_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, mark):
+def _reference_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, mark, quant):
     batch, _, heads, _ = q.shape
     mask = state.mask() if state is not None else None
     plan = build_plan(geometry, batch, heads, q.device, mask, must_do, must_skip)
-    out, lse, marked = reference_forward(q, k, v, plan, scale=scale, threshold=threshold, mark=mark)
+    if quant is None:
+        out, lse, marked = reference_forward(q, k, v, plan, scale=scale, threshold=threshold, mark=mark)
+    else:
+        # The 8-bit path's semantics: attention over the values its kernel computes with.
+        quantized = quantize_inputs(q, k, v, geometry)
+        out, lse, marked = reference_forward(*quantized.dequantized(), plan, scale=scale, threshold=threshold, mark=mark)
+        out, lse = out.to(q.dtype), lse + quantized.lse_shift(q, scale)
     stats = None
     if state is not None:
         newly = marked.sum() if marked is not None else torch.zeros((), dtype=torch.int64)
@@ -150,13 +161,13 @@ def _reference_call(q, k, v, state, geometry, scale, threshold, must_do, must_sk
     return out, lse, stats
 
 
-def _triton_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, return_lse):
+def _triton_call(q, k, v, state, geometry, scale, threshold, must_do, must_skip, return_lse, quant):
     from . import kernels  # imports Triton: only for calls that run a kernel
 
     bits = state.bits if state is not None else None
     return kernels.forward(
         q, k, v, geometry, scale=scale, threshold=threshold, bits=bits, must_do=must_do, must_skip=must_skip,
-        return_lse=return_lse,
+        return_lse=return_lse, quant=quant,
     )
 
 
@@ -181,10 +192,13 @@ class LiteAttention:
         block_m: int | None = None,
         block_n: int | None = None,
         backend: Backend = "auto",
+        quant: Quant | None = None,
     ) -> None:
         self.schedule = ThresholdSchedule(threshold)
         check_block_sizes(block_m, block_n)
         check_backend(backend)
+        check_quant(quant)
+        self.quant = quant
         self.block_m, self.block_n = block_m, block_n
         self.enabled = enabled
         self.backend: Backend = backend
@@ -212,7 +226,9 @@ class LiteAttention:
         ``step`` picks the threshold from the schedule (default: the number of calls since the
         last reset). When disabled, this is dense attention and the state is left alone.
         """
-        kwargs = dict(scale=scale, return_lse=return_lse, must_do=must_do, must_skip=must_skip, backend=self.backend)
+        kwargs = dict(
+            scale=scale, return_lse=return_lse, must_do=must_do, must_skip=must_skip, backend=self.backend, quant=self.quant,
+        )
         if not self.enabled:
             return lite_attention(q, k, v, None, **kwargs)
         check_inputs(q, k, v, self.backend)
@@ -253,4 +269,5 @@ class LiteAttention:
         return None if stats is None else stats.sparsity
 
     def __repr__(self) -> str:
-        return f"LiteAttention(threshold={self.schedule!r}, enabled={self.enabled}, state={self.state!r})"
+        quant = f", quant={self.quant!r}" if self.quant else ""
+        return f"LiteAttention(threshold={self.schedule!r}, enabled={self.enabled}{quant}, state={self.state!r})"

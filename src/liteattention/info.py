@@ -8,6 +8,7 @@ from importlib import metadata
 
 import torch
 
+from .quantize import QUANT_MODES
 from .state import TileGeometry, default_block_sizes
 
 HEAD_DIMS = (32, 48, 64, 80, 96, 128, 192, 256)
@@ -64,7 +65,17 @@ def report() -> str:
     rows = [("head dim", "tiles", "kernel", "why"), *kernel_table(device, capability)]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3] for row in rows]
+    lines.append(f"\nThe 8-bit path (quant={QUANT_MODES[0]!r}) {where}: {quant_support(device, capability)}")
     return "\n".join(lines)
+
+
+def quant_support(device: torch.device, capability: tuple[int, int] | None) -> str:
+    from .kernels import choose_kernel
+
+    try:
+        return choose_kernel(device, TileGeometry(4096, 4096, 128, 64), 128, capability, quant=QUANT_MODES[0]).reason
+    except ValueError as error:
+        return str(error)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ it: a new threshold (per step, per layer) reuses the compiled graph instead of r
     counts = torch.zeros(COUNTS, dtype=torch.int64, device=q.device)
     out, lse = torch.ops.liteattention.attention(
         q, k, v, bits, counts, torch.tensor(-10.0, dtype=torch.float64),
-        must_do=[0, 256], must_skip=[], scale=None, block_m=128, block_n=64, backend="auto",
+        must_do=[0, 256], must_skip=[], scale=None, block_m=128, block_n=64, backend="auto", quant=None,
     )
 
 ``must_do`` / ``must_skip`` are flat lists ``[start0, end0, start1, end1, ...]`` (key ranges
@@ -77,12 +77,13 @@ def attention(
     block_m: int,
     block_n: int,
     backend: str,
+    quant: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output (q's shape and dtype) and LSE (B, H, Sq) float32 of :func:`lite_attention` with the
     mask ``bits``; adds the call's tile counts to ``counts`` (see ``COUNTS``)."""
     kwargs = dict(
         threshold=float(threshold), scale=scale, return_lse=True, backend=backend,
-        must_do=_pairs(must_do), must_skip=_pairs(must_skip),
+        must_do=_pairs(must_do), must_skip=_pairs(must_skip), quant=quant,
     )
     if bits is None:
         out, lse = lite_attention(q, k, v, None, **kwargs)
@@ -96,6 +97,6 @@ def attention(
 
 
 @attention.register_fake
-def _(q, k, v, bits, counts, threshold, must_do, must_skip, scale, block_m, block_n, backend):
+def _(q, k, v, bits, counts, threshold, must_do, must_skip, scale, block_m, block_n, backend, quant=None):
     batch, seq_q, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, seq_q), dtype=torch.float32)

@@ -98,6 +98,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanT
 from torch.overrides import TorchFunctionMode
 
 from .. import ops
+from ..quantize import Quant, check_quant
 from ..schedule import ThresholdLike, ThresholdSchedule
 from ..state import HISTORY_SIZE, WORD_BITS, check_block_sizes, default_block_sizes, unpack_bits
 
@@ -452,7 +453,8 @@ class LiteAttentionProcessor:
             live.counts = live.counts.to(q.device)  # the counts of the current step so far, kept
         ranges = [] if must_do is None else [must_do[0], must_do[1]]
         return torch.ops.liteattention.attention(
-            q, k, v, live.bits[shard], live.counts, live.threshold, ranges, [], scale, block_m, block_n, "auto"
+            q, k, v, live.bits[shard], live.counts, live.threshold, ranges, [], scale, block_m, block_n, "auto",
+            self._handle._quant,
         )
 
     def _context_parallel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, parallel: Any):
@@ -661,7 +663,10 @@ class LiteAttentionHandle:
         block_m: int | None,
         block_n: int | None,
         profile: Any = None,
+        quant: Quant | None = None,
     ) -> None:
+        check_quant(quant)
+        self._quant = quant
         self._profile = profile  # a calibration Profile: thresholds per (branch, step, layer); checks calls
         timestep_index = list(inspect.signature(transformer.forward).parameters).index("timestep")
         self.layer_names: tuple[str, ...] = tuple(name for name, _ in modules)
@@ -920,6 +925,7 @@ def apply_lite_attention(
     block_m: int | None = None,
     block_n: int | None = None,
     profile: Any = None,
+    quant: Quant | None = None,
 ) -> LiteAttentionHandle:
     """Swap the self-attention of ``transformer``'s blocks for LiteAttention, each layer with its own state.
 
@@ -938,6 +944,8 @@ def apply_lite_attention(
             file) giving every layer a threshold per CFG branch and step; replaces ``threshold`` and
             ``layers``. It is refused, naming what differs, for another model class, layer count or
             tile size, and during generation for another attention shape, step count or timesteps.
+        quant: ``"qk_int8_pv_fp8"`` runs the 8-bit path (``liteattention.quantize``; Ada or Hopper
+            GPUs), None the 16-bit one.
 
     Returns:
         A :class:`LiteAttentionHandle`.
@@ -974,7 +982,7 @@ def apply_lite_attention(
         profile.check(model=type(transformer).__name__, layers=len(modules), block_m=block_m, block_n=block_n)
         block_m, block_n = profile.block_m, profile.block_n
     thresholds = _select_layers(layers, threshold, len(modules))
-    return LiteAttentionHandle(transformer, spec, modules, thresholds, block_m, block_n, profile)
+    return LiteAttentionHandle(transformer, spec, modules, thresholds, block_m, block_n, profile, quant)
 
 
 def _select_layers(layers: LayerSelection | None, threshold: ThresholdLike, count: int) -> dict[int, ThresholdLike]:

@@ -20,6 +20,7 @@ import torch
 import triton
 
 from ..plan import Range, range_words
+from ..quantize import Quant, quantize_inputs
 from ..state import TileGeometry
 from .common import STATS
 from .triton_forward import triton_forward
@@ -33,6 +34,7 @@ KernelName = Literal["gluon", "portable"]
 # tried, and a failed compile falls back to the portable kernel with a warning.
 GLUON_TRITON = ((3, 6), (3, 9))
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+FP8_CAPABILITY = (8, 9)  # the quantized path's FP8 products need Ada or newer
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,20 @@ _gluon_failed: str | None = None  # set when an untested Triton failed to compil
 
 def choose_kernel(
     device: torch.device, geometry: TileGeometry, head_dim: int, capability: tuple[int, int] | None = None,
+    quant: Quant | None = None,
 ) -> KernelChoice:
     """The kernel a call on ``device`` with this tile geometry and (padded) head dim gets;
-    ``capability`` stands in for a CUDA device's own (to ask what a GPU not present would get)."""
+    ``capability`` stands in for a CUDA device's own (to ask what a GPU not present would get).
+    Raises a ValueError where the ``quant`` path cannot run on that GPU."""
+    if quant is not None:
+        if device.type == "cuda":
+            capability = capability or torch.cuda.get_device_capability(device)
+            if capability < FP8_CAPABILITY:
+                raise ValueError(
+                    f"quant={quant!r} needs FP8 tensor cores (sm_89 or newer: Ada, Hopper, Blackwell), "
+                    f"got sm_{capability[0]}{capability[1]}; use quant=None"
+                )
+        return KernelChoice("portable", f"quant={quant!r} runs on the portable kernel (the Gluon kernel is 16-bit only)")
     if os.environ.get("LITEATTENTION_GLUON", "1") == "0":
         return KernelChoice("portable", "LITEATTENTION_GLUON=0 is set")
     if device.type != "cuda":
@@ -125,6 +138,7 @@ def forward(
     must_do: tuple[Range, ...] = (),
     must_skip: tuple[Range, ...] = (),
     return_lse: bool = False,
+    quant: Quant | None = None,
     kernel: KernelName | None = None,
     **tuning: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -133,7 +147,8 @@ def forward(
 
     ``bits`` is the packed skip mask (B, H, Qt, words) to skip and mark into, or None (dense:
     nothing skipped or marked, unless must_skip ranges are given). ``threshold`` -inf marks
-    nothing. Ranges are validated, normalised (start, end) pairs. Returns the output, the LSE
+    nothing. Ranges are validated, normalised (start, end) pairs. ``quant`` picks the 8-bit path
+    (quantize.py; the portable kernel runs it). Returns the output, the LSE
     (or None) and the statistics (tiles computed, marked before, newly marked; int64, on the
     device, not waited for). ``kernel`` forces one kernel (an error if it cannot run);
     ``tuning`` passes launch options to it (benchmarks and tests).
@@ -148,14 +163,19 @@ def forward(
         if skip_from is None:  # must_skip alone: an empty mask to plan from, none to mark into
             skip_from = torch.zeros(batch, heads, geometry.q_tiles, geometry.words, dtype=torch.int32, device=q.device)
         work = plan_work(skip_from, *range_words(geometry, must_do, must_skip, q.device), geometry, stats)
-    choice = choose_kernel(q.device, geometry, padded)
+    choice = choose_kernel(q.device, geometry, padded, quant=quant)
     if kernel == "gluon" and choice.kernel != "gluon":
         raise ValueError(f"kernel='gluon' cannot run this call: {choice.reason}")
     name = kernel or choice.kernel
     if choice.triton_bound and kernel is None:
         _warn_portable_on_hopper(choice.reason)
     args = dict(scale=scale, threshold=threshold, bits=bits, work=work, stats=stats, return_lse=return_lse)
-    if name == "gluon":
+    if quant is not None:
+        quantized = quantize_inputs(q, k, v, geometry)
+        out, lse = triton_forward(q, k, v, geometry, **args, quantized=quantized, **tuning)
+        if lse is not None:
+            lse += quantized.lse_shift(q, scale)
+    elif name == "gluon":
         out, lse = _run_gluon(q, k, v, geometry, args, tuning, forced=kernel == "gluon")
     else:
         out, lse = triton_forward(q, k, v, geometry, **args, **tuning)

@@ -11,17 +11,23 @@ only this program writes for its row.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..state import TileGeometry
+from ..quantize import P_MAX as _P_MAX
+from ..quantize import QuantizedInputs
 from .common import LOG2E, launch_buffers
 from .worklist import WorkList, and_combine, mark_word
 
 # Visited tiles whose marking verdicts are reduced across rows together (bits of one int64).
 GROUP: tl.constexpr = tl.constexpr(64)
+P_MAX: tl.constexpr = tl.constexpr(_P_MAX)
+LOG2_P_MAX: tl.constexpr = tl.constexpr(math.log2(_P_MAX))
 
 
 @triton.jit
@@ -62,41 +68,57 @@ def _tile_at(entries_row, idx, USE_LIST: tl.constexpr):
 
 @triton.jit
 def _attend_tile(
-    q, k_desc, v_desc, b, h, kt, m_i, l_i, acc, seq_k, qk_scale,
+    q, k_desc, v_desc, b, h, bh, kt, m_i, l_i, acc, seq_k, qk_scale, KScale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     """Online-softmax update with k-tile kt (log2 units). Also returns each row's gap: the tile's
-    row max minus the running max before it, which the marking rule compares to the threshold."""
+    row max minus the running max before it, which the marking rule compares to the threshold.
+    QUANT: q and k are int8 (q's tile scale folded into qk_scale, k's at KScale[kt]) and v is FP8,
+    transposed (quantize.py); the update is the same, on the scores this computes."""
     BLOCK_M: tl.constexpr = q.shape[0]
     k = _load_tile(k_desc, b, kt * BLOCK_N, h, HEAD_DIM)
-    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST_DOT)
+    if QUANT:
+        s = tl.dot(q, tl.trans(k)).to(tl.float32)  # exact int32 products
+        qk_scale = qk_scale * tl.load(KScale + kt)
+    else:
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST_DOT)
     if EVEN_N:
         s = s * qk_scale
     else:
-        # Keys past the end (zero-filled or another batch element's) get -inf, folded into the
-        # scaling as one FMA.
+        # Keys past the end (zero-filled) get -inf, folded into the scaling as one FMA.
         offs_n = tl.arange(0, BLOCK_N)
         s = s * qk_scale + tl.where(kt * BLOCK_N + offs_n < seq_k, 0.0, float("-inf"))[None, :]
     tile_max = tl.max(s, 1)
     m_new = tl.maximum(m_i, tile_max)
-    p = tl.math.exp2(s - m_new[:, None])
+    if QUANT:
+        p = tl.math.exp2(s - m_new[:, None] + LOG2_P_MAX)  # row max P_MAX, for FP8's resolution
+    else:
+        p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = _load_tile(v_desc, b, kt * BLOCK_N, h, HEAD_DIM)
-    acc = _dot(p.to(v.dtype), v, acc, UPCAST_DOT)
+    if QUANT:
+        # v_desc views v_t as (B * H, D, Sk): tiles (D, BLOCK_N), the key axis contiguous as the 8-bit
+        # MMA wants it. Each tile's product goes to a fresh accumulator, added to acc in fp32:
+        # Hopper's FP8 MMA accumulates with reduced precision, so only BLOCK_N products share it.
+        v_t = v_desc.load([bh, 0, kt * BLOCK_N]).reshape(HEAD_DIM, BLOCK_N)
+        acc = acc + tl.dot(p.to(v_t.dtype), tl.trans(v_t))
+    else:
+        v = _load_tile(v_desc, b, kt * BLOCK_N, h, HEAD_DIM)
+        acc = _dot(p.to(v.dtype), v, acc, UPCAST_DOT)
     return m_new, l_i, acc, tile_max - m_i
 
 
 @triton.jit
 def _lite_attention_fwd(
-    q_desc, k_desc, v_desc, Out, Lse, Bits, Entries, Counts, Stats,
+    q_desc, k_desc, v_desc, Out, Lse, Bits, Entries, Counts, Stats, QScale, KScale, VScale, VMean,
     stride_ob, stride_os, stride_oh,
     heads, seq_q, seq_k, k_tiles, words,
     qk_scale, threshold,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_LIST: tl.constexpr, MARK: tl.constexpr, WRITE_LSE: tl.constexpr, EVEN_N: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, QUANT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -106,6 +128,9 @@ def _lite_attention_fwd(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
     q = _load_tile(q_desc, b, pid_m * BLOCK_M, h, HEAD_DIM)
+    if QUANT:
+        qk_scale = qk_scale * tl.load(QScale + row)
+        KScale += pid_bh.to(tl.int64) * k_tiles
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -126,7 +151,8 @@ def _lite_attention_fwd(
             for idx in range(group_start, tl.minimum(group_start + GROUP, count)):
                 kt = _tile_at(entries_row, idx, USE_LIST)
                 m_i, l_i, acc, gap = _attend_tile(
-                    q, k_desc, v_desc, b, h, kt, m_i, l_i, acc, seq_k, qk_scale, HEAD_DIM, BLOCK_N, EVEN_N, UPCAST_DOT,
+                    q, k_desc, v_desc, b, h, pid_bh, kt, m_i, l_i, acc, seq_k, qk_scale, KScale, HEAD_DIM, BLOCK_N, EVEN_N,
+                    UPCAST_DOT, QUANT,
                 )
                 # Bit idx - group_start of each row: this row finds the tile negligible. The first
                 # visited tile has gap = +inf (no running max yet), so it is never marked.
@@ -137,11 +163,16 @@ def _lite_attention_fwd(
         for idx in range(0, count):
             kt = _tile_at(entries_row, idx, USE_LIST)
             m_i, l_i, acc, gap = _attend_tile(
-                q, k_desc, v_desc, b, h, kt, m_i, l_i, acc, seq_k, qk_scale, HEAD_DIM, BLOCK_N, EVEN_N, UPCAST_DOT,
+                q, k_desc, v_desc, b, h, pid_bh, kt, m_i, l_i, acc, seq_k, qk_scale, KScale, HEAD_DIM, BLOCK_N, EVEN_N,
+                UPCAST_DOT, QUANT,
             )
 
-    out = acc / l_i[:, None]
     offs_d = tl.arange(0, HEAD_DIM)
+    if QUANT:
+        channel = pid_bh.to(tl.int64) * HEAD_DIM + offs_d
+        out = acc * (tl.load(VScale + channel)[None, :] / l_i[:, None]) + tl.load(VMean + channel)[None, :]
+    else:
+        out = acc / l_i[:, None]
     # A masked store, not TMA: the rows past seq_q would land in the next batch element.
     tl.store(
         Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
@@ -149,6 +180,8 @@ def _lite_attention_fwd(
         mask=(offs_m < seq_q)[:, None],
     )
     if WRITE_LSE:
+        if QUANT:
+            l_i = l_i / P_MAX
         lse = (m_i + tl.math.log2(l_i)) / LOG2E
         tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
@@ -167,9 +200,14 @@ LAUNCH_CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int]] = {
     (128, 128, 64, True): (4, 5),
 }
 
+# The same for the 8-bit path (quantize.py), whose K and V tiles take half the shared memory.
+QUANT_LAUNCH_CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int]] = {}
 
-def launch_config(block_m: int, block_n: int, head_dim: int, use_list: bool) -> tuple[int, int]:
+
+def launch_config(block_m: int, block_n: int, head_dim: int, use_list: bool, quantized: bool = False) -> tuple[int, int]:
     default = (4 if block_m * head_dim <= 128 * 64 else 8, 2)
+    if quantized:
+        return QUANT_LAUNCH_CONFIGS.get((block_m, block_n, head_dim, use_list), default)
     return LAUNCH_CONFIGS.get((block_m, block_n, head_dim, use_list), default)
 
 
@@ -178,6 +216,13 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     so a partial last tile never reads the next batch element. t's (H, D) must be contiguous."""
     batch, seq, heads, head_dim = t.shape
     return TensorDescriptor(t, [batch, seq, heads * head_dim], [t.stride(0), t.stride(1), 1], [1, rows, head_dim])
+
+
+def _transposed_descriptor(v_t: torch.Tensor, seq_k: int, cols: int) -> TensorDescriptor:
+    """3-D TMA descriptor over the quantized V, (B * H, D, Sk), tiles of (1, D, cols): keys past
+    Sk are zero-filled."""
+    batch, heads, head_dim, padded = v_t.shape
+    return TensorDescriptor(v_t, [batch * heads, head_dim, seq_k], [head_dim * padded, padded, 1], [1, head_dim, cols])
 
 
 def triton_forward(
@@ -192,12 +237,15 @@ def triton_forward(
     work: WorkList | None,
     stats: torch.Tensor,
     return_lse: bool,
+    quantized: QuantizedInputs | None = None,
     config: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the attention kernel.
 
     ``work`` is the call's work list (worklist.plan_work), or None for every tile in ascending
     order. ``bits`` is the packed mask to mark into, or None for no marking (needs ``work``).
+    ``quantized``: q, k, v quantized (quantize.quantize_inputs) for the 8-bit path; q still gives
+    the output's dtype, and the LSE is that of the smoothed K (the caller shifts it back).
     ``config`` = (num_warps, num_stages) overrides the recorded launch configuration.
     """
     batch, seq_q, heads, head_dim = q.shape
@@ -205,16 +253,23 @@ def triton_forward(
         raise ValueError(f"the kernel takes a power-of-two head_dim >= 16 (pad first), got {head_dim}")
     mark, out, lse, dummy, entries, counts = launch_buffers(q, threshold, bits, work, return_lse)
     bm, bn = geometry.block_m, geometry.block_n
-    num_warps, num_stages = config or launch_config(bm, bn, head_dim, work is not None)
+    num_warps, num_stages = config or launch_config(bm, bn, head_dim, work is not None, quantized is not None)
+    if quantized is None:
+        descriptors = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn))
+        scales = (dummy, dummy, dummy, dummy)
+    else:
+        qz = quantized
+        descriptors = (_descriptor(qz.q, bm), _descriptor(qz.k, bn), _transposed_descriptor(qz.v_t, k.shape[1], bn))
+        scales = (qz.q_scale, qz.k_scale, qz.v_scale, qz.v_mean)
     _lite_attention_fwd[(geometry.q_tiles, batch * heads)](
-        _descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn),
-        out, lse if lse is not None else dummy, bits if mark else dummy, entries, counts, stats,
+        *descriptors,
+        out, lse if lse is not None else dummy, bits if mark else dummy, entries, counts, stats, *scales,
         out.stride(0), out.stride(1), out.stride(2),
         heads, seq_q, k.shape[1], geometry.k_tiles, geometry.words,
         scale * LOG2E.value, threshold if mark else 0.0,
         HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn,
         USE_LIST=work is not None, MARK=mark, WRITE_LSE=return_lse, EVEN_N=k.shape[1] % bn == 0,
-        UPCAST_DOT=q.dtype == torch.bfloat16 and not q.is_cuda,
+        UPCAST_DOT=q.dtype == torch.bfloat16 and not q.is_cuda, QUANT=quantized is not None,
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,  # as in gluon_forward.LAUNCH_OPTIONS
     )
     return out, lse
