@@ -35,6 +35,9 @@ QUANT = "qk_int8_pv_fp8"
 GRIDS = {"wan14b-480p": (21, 30, 52), "wan1.3b-480p": (21, 30, 52), "wan-720p": (21, 45, 80), "ltx": (16, 32, 32)}
 SPARSITIES = (0.25, 0.5, 0.75, 0.9)
 SWEEP = [(w, s) for w, s in itertools.product((4, 8), (2, 3, 4, 5))]
+# Kernel variants (quant_variant): int32 -> float32 by the magic-number add instead of I2F; P.V
+# into a fresh accumulator added in fp32 (else accumulated in the MMA, at its reduced FP8 precision).
+VARIANTS = {"i2f-fresh": (False, True), "magic-fresh": (True, True), "i2f-mma": (False, False), "magic-mma": (True, False)}
 
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -105,6 +108,15 @@ def speed(name: str, rounds: int, sweep: bool) -> dict:
             return lite_attention(q, k, v, state, threshold=-10.0, quant=QUANT)
 
         cases[f"quant-s{target}"] = sparse
+    scale = shape.head_dim**-0.5
+    cudnn_out = sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
+    variant_errors = {}
+    for label, variant in VARIANTS.items():
+        def run_variant(variant=variant):
+            return kernels.forward(q, k, v, g, scale=scale, threshold=-math.inf, bits=None, quant=QUANT,
+                                   quant_variant=variant)[0]
+        variant_errors[label] = errors(run_variant(), cudnn_out)
+        cases[f"variant-{label}"] = run_variant
     if sweep:
         for w, s in SWEEP:
             def launch(w=w, s=s):
@@ -118,12 +130,14 @@ def speed(name: str, rounds: int, sweep: bool) -> dict:
             cases[f"quant-dense-w{w}s{s}"] = launch
     times = {name_: statistics.median(t) for name_, t in interleaved_ms(cases, rounds).items()}
     cudnn, quant = times["cudnn"], times["quant-dense"]
-    result = {"shape": name, "ms": times, "sparsity": measured,
+    result = {"shape": name, "ms": times, "sparsity": measured, "variant_errors_vs_cudnn": variant_errors,
               "quant_dense_vs_cudnn": quant / cudnn, "bf16_dense_vs_cudnn": times["ours-bf16"] / cudnn,
               "quant_sparse_vs_quant_dense": {t: times[f"quant-s{t}"] / quant for t in SPARSITIES}}
     line = ", ".join(f"s={measured[t]:.2f}: {times[f'quant-s{t}'] / quant:.3f}" for t in SPARSITIES)
     print(f"{name:>13}: cuDNN {cudnn:.2f} ms, ours bf16 {times['ours-bf16']:.2f} ms ({result['bf16_dense_vs_cudnn']:.3f}), "
           f"8-bit dense {quant:.2f} ms ({result['quant_dense_vs_cudnn']:.3f} of cuDNN); 8-bit sparse / dense: {line}", flush=True)
+    print("  variants: " + ", ".join(f"{label} {times[f'variant-{label}']:.2f} ms (cos {variant_errors[label]['cosine']:.6f})"
+                                     for label in VARIANTS), flush=True)
     if sweep:
         best = sorted((t, c) for c, t in times.items() if c.startswith("quant-dense-w"))
         print("  sweep (ms): " + ", ".join(f"{c[12:]} {t:.2f}" for t, c in best), flush=True)

@@ -156,6 +156,20 @@ def test_numpy_scalars_are_real_numbers(value):
 # --------------------------------------------------------------------------------------------------
 
 
+def test_head_dim_256_with_128_key_tiles_fits_in_shared_memory():
+    """The portable kernel's untuned pipeline at head dim 256 and 128-key tiles: two stages of K and
+    V tiles need 288 KiB of shared memory, more than any GPU has (Triton's OutOfResources on an
+    H100); one stage fits. On the CPU this runs under the interpreter, on a GPU for real."""
+    from conftest import DEVICE
+    from liteattention.kernels.triton_forward import launch_config
+
+    assert launch_config(64, 128, 256, True) == (8, 1) and launch_config(64, 64, 256, True) == (8, 2)
+    q, k, v = (torch.randn(1, 130, 1, 256, dtype=torch.float16, device=DEVICE) for _ in range(3))
+    out = LiteAttention(threshold=-4.0, block_n=128, backend="triton")(q, k, v)
+    expected = torch.softmax((q.double()[0, :, 0] @ k.double()[0, :, 0].T) / 16, -1) @ v.double()[0, :, 0]
+    assert (out[0, :, 0].double() - expected).abs().max().item() < 5e-3
+
+
 def test_statistics_keep_the_last_history_size_calls():
     q, k, v = qkv()
     state = SkipState.for_inputs(q, k, block_m=16, block_n=16, history_size=3)

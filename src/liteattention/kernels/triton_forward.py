@@ -70,7 +70,7 @@ def _tile_at(entries_row, idx, USE_LIST: tl.constexpr):
 def _attend_tile(
     q, k_desc, v_desc, b, h, bh, kt, m_i, l_i, acc, seq_k, qk_scale, KScale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    QUANT: tl.constexpr,
+    QUANT: tl.constexpr, I2F_MAGIC: tl.constexpr, PV_FRESH: tl.constexpr,
 ):
     """Online-softmax update with k-tile kt (log2 units). Also returns each row's gap: the tile's
     row max minus the running max before it, which the marking rule compares to the threshold.
@@ -78,17 +78,27 @@ def _attend_tile(
     transposed (quantize.py); the update is the same, on the scores this computes."""
     BLOCK_M: tl.constexpr = q.shape[0]
     k = _load_tile(k_desc, b, kt * BLOCK_N, h, HEAD_DIM)
+    shift = 0.0
     if QUANT:
-        s = tl.dot(q, tl.trans(k)).to(tl.float32)  # exact int32 products
         qk_scale = qk_scale * tl.load(KScale + kt)
+        if I2F_MAGIC:
+            # int32 -> float32 without I2F (a quarter-rate instruction): |products| < 2^22 (at most
+            # 256 * 127^2), so adding them to the bits of 1.5 * 2^23 gives that float plus them,
+            # whose offset the scaling FMA takes out again.
+            s = (tl.dot(q, tl.trans(k)) + 0x4B400000).to(tl.float32, bitcast=True)
+            shift = -12582912.0 * qk_scale
+        else:
+            s = tl.dot(q, tl.trans(k)).to(tl.float32)  # exact int32 products
     else:
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST_DOT)
-    if EVEN_N:
+    if EVEN_N and I2F_MAGIC:
+        s = s * qk_scale + shift
+    elif EVEN_N:
         s = s * qk_scale
     else:
         # Keys past the end (zero-filled) get -inf, folded into the scaling as one FMA.
         offs_n = tl.arange(0, BLOCK_N)
-        s = s * qk_scale + tl.where(kt * BLOCK_N + offs_n < seq_k, 0.0, float("-inf"))[None, :]
+        s = s * qk_scale + (tl.where(kt * BLOCK_N + offs_n < seq_k, shift, float("-inf"))[None, :])
     tile_max = tl.max(s, 1)
     m_new = tl.maximum(m_i, tile_max)
     if QUANT:
@@ -103,7 +113,10 @@ def _attend_tile(
         # MMA wants it. Each tile's product goes to a fresh accumulator, added to acc in fp32:
         # Hopper's FP8 MMA accumulates with reduced precision, so only BLOCK_N products share it.
         v_t = v_desc.load([bh, 0, kt * BLOCK_N]).reshape(HEAD_DIM, BLOCK_N)
-        acc = acc + tl.dot(p.to(v_t.dtype), tl.trans(v_t))
+        if PV_FRESH:
+            acc = acc + tl.dot(p.to(v_t.dtype), tl.trans(v_t))
+        else:
+            acc = tl.dot(p.to(v_t.dtype), tl.trans(v_t), acc)
     else:
         v = _load_tile(v_desc, b, kt * BLOCK_N, h, HEAD_DIM)
         acc = _dot(p.to(v.dtype), v, acc, UPCAST_DOT)
@@ -118,7 +131,7 @@ def _lite_attention_fwd(
     qk_scale, threshold,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_LIST: tl.constexpr, MARK: tl.constexpr, WRITE_LSE: tl.constexpr, EVEN_N: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, QUANT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, QUANT: tl.constexpr, I2F_MAGIC: tl.constexpr, PV_FRESH: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -152,7 +165,7 @@ def _lite_attention_fwd(
                 kt = _tile_at(entries_row, idx, USE_LIST)
                 m_i, l_i, acc, gap = _attend_tile(
                     q, k_desc, v_desc, b, h, pid_bh, kt, m_i, l_i, acc, seq_k, qk_scale, KScale, HEAD_DIM, BLOCK_N, EVEN_N,
-                    UPCAST_DOT, QUANT,
+                    UPCAST_DOT, QUANT, I2F_MAGIC, PV_FRESH,
                 )
                 # Bit idx - group_start of each row: this row finds the tile negligible. The first
                 # visited tile has gap = +inf (no running max yet), so it is never marked.
@@ -164,7 +177,7 @@ def _lite_attention_fwd(
             kt = _tile_at(entries_row, idx, USE_LIST)
             m_i, l_i, acc, gap = _attend_tile(
                 q, k_desc, v_desc, b, h, pid_bh, kt, m_i, l_i, acc, seq_k, qk_scale, KScale, HEAD_DIM, BLOCK_N, EVEN_N,
-                UPCAST_DOT, QUANT,
+                UPCAST_DOT, QUANT, I2F_MAGIC, PV_FRESH,
             )
 
     offs_d = tl.arange(0, HEAD_DIM)
@@ -200,15 +213,34 @@ LAUNCH_CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int]] = {
     (128, 128, 64, True): (4, 5),
 }
 
-# The same for the 8-bit path (quantize.py), whose K and V tiles take half the shared memory.
-QUANT_LAUNCH_CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int]] = {}
+# The same for the 8-bit path (quantize.py), whose K and V tiles take half the shared memory: the
+# dense loop from the H100 sweep in docs/performance.md (bench/quant_kernel.py --sweep); the work-list
+# loop takes the same, unswept.
+QUANT_LAUNCH_CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int]] = {
+    (128, 64, 128, False): (8, 4),
+    (128, 64, 128, True): (8, 4),
+    (128, 64, 64, False): (4, 4),
+    (128, 64, 64, True): (4, 4),
+}
 
 
-def launch_config(block_m: int, block_n: int, head_dim: int, use_list: bool, quantized: bool = False) -> tuple[int, int]:
-    default = (4 if block_m * head_dim <= 128 * 64 else 8, 2)
-    if quantized:
-        return QUANT_LAUNCH_CONFIGS.get((block_m, block_n, head_dim, use_list), default)
-    return LAUNCH_CONFIGS.get((block_m, block_n, head_dim, use_list), default)
+# Shared memory the untuned default may fill: K and V tiles for each pipeline stage, and the Q tile
+# (164 KiB on an A100, 227 KiB on Hopper, less a margin for the compiler's own buffers).
+SHARED_MEMORY_BUDGET = 160 * 1024
+
+
+def launch_config(
+    block_m: int, block_n: int, head_dim: int, use_list: bool, quantized: bool = False,
+) -> tuple[int, int]:
+    """(num_warps, num_stages): the swept configuration, else a default whose pipeline fits in
+    shared memory (two stages where they fit, else one: head dim 256 with 128-key tiles)."""
+    table = QUANT_LAUNCH_CONFIGS if quantized else LAUNCH_CONFIGS
+    if (block_m, block_n, head_dim, use_list) in table:
+        return table[(block_m, block_n, head_dim, use_list)]
+    element = 1 if quantized else 2
+    q_bytes, kv_bytes = block_m * head_dim * element, 2 * block_n * head_dim * element
+    stages = 2 if q_bytes + 2 * kv_bytes <= SHARED_MEMORY_BUDGET else 1
+    return (4 if block_m * head_dim <= 128 * 64 else 8, stages)
 
 
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
@@ -239,6 +271,7 @@ def triton_forward(
     return_lse: bool,
     quantized: QuantizedInputs | None = None,
     config: tuple[int, int] | None = None,
+    quant_variant: tuple[bool, bool] = (False, True),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the attention kernel.
 
@@ -270,6 +303,7 @@ def triton_forward(
         HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn,
         USE_LIST=work is not None, MARK=mark, WRITE_LSE=return_lse, EVEN_N=k.shape[1] % bn == 0,
         UPCAST_DOT=q.dtype == torch.bfloat16 and not q.is_cuda, QUANT=quantized is not None,
+        I2F_MAGIC=quantized is not None and quant_variant[0], PV_FRESH=quant_variant[1],
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,  # as in gluon_forward.LAUNCH_OPTIONS
     )
     return out, lse
