@@ -1,9 +1,9 @@
 """Step time of a compiled diffusers Wan transformer, with and without LiteAttention.
 
-Random weights, real shapes: by default Wan2.1-1.3B at 480p, 81 frames (30 layers, 12 heads of 128,
-ffn 8960, latents (1, 16, 21, 60, 104) -> 32,760 video tokens, 512 text tokens of 4096). For each
-variant (dense: diffusers' default attention; lite: apply_lite_attention), the transformer is
-compiled (``--compile whole|blocks|none``, ``--mode default|reduce-overhead|max-autotune-no-cudagraphs``)
+Random weights, real shapes (``liteattention.models.wan``): by default Wan2.1-1.3B at 480p, 81 frames
+(30 layers, 12 heads of 128, ffn 8960, latents (1, 16, 21, 60, 104) -> 32,760 video tokens, 512 text
+tokens of 4096). For each variant (dense: diffusers' default attention; lite: apply_lite_attention),
+the transformer is compiled (``--compile whole|blocks|none``, ``--mode default|reduce-overhead|max-autotune-no-cudagraphs``)
 and run as a pipeline runs it: one call per denoising step under ``cache_context("cond", step_index=i)``.
 The first ``--compile-steps`` calls (compilation and the recompile after the masks are allocated) are
 timed apart; then ``--steps`` steps are timed one by one (CUDA events), with the sparsity LiteAttention
@@ -11,7 +11,7 @@ reached at each. The same random latents feed every step (steady-state timing, n
 masks keep growing as they would, from the attention pattern of those inputs.
 
     PYTHONPATH=src python bench/compile_step.py --out results/compile-step           # on the GPU
-    PYTHONPATH=src python bench/compile_step.py --size tiny --device cpu --dtype float32 --out /tmp/cs
+    PYTHONPATH=src python bench/compile_step.py --model tiny --resolution tiny --device cpu --dtype float32 --out /tmp/cs
 
 Prints a table and writes ``compile_step.json`` into ``--out``; the JSON also records the recompiles
 and graph breaks dynamo counted per variant.
@@ -28,31 +28,13 @@ from pathlib import Path
 
 import torch
 
-SIZES = {
-    # name: (transformer config, latent shape (B, C, F, H, W), text tokens)
-    "wan1.3b-480p": (
-        dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, in_channels=16,
-             out_channels=16, text_dim=4096, freq_dim=256, patch_size=(1, 2, 2), cross_attn_norm=True,
-             qk_norm="rms_norm_across_heads", eps=1e-6),
-        (1, 16, 21, 60, 104), 512,
-    ),
-    "wan14b-480p": (
-        dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, in_channels=16,
-             out_channels=16, text_dim=4096, freq_dim=256, patch_size=(1, 2, 2), cross_attn_norm=True,
-             qk_norm="rms_norm_across_heads", eps=1e-6),
-        (1, 16, 21, 60, 104), 512,
-    ),
-    "tiny": (
-        dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, in_channels=4, out_channels=4,
-             text_dim=32, freq_dim=32, patch_size=(1, 2, 2), rope_max_seq_len=32),
-        (1, 4, 2, 16, 16), 16,
-    ),
-}
+from liteattention.models.wan import LATENT_SIZES, WAN_MODELS, build_wan, latent_size, wan_architecture, wan_inputs
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted(SIZES), default="wan1.3b-480p")
+    p.add_argument("--model", choices=list(WAN_MODELS), default="wan2.1-1.3b")
+    p.add_argument("--resolution", choices=list(LATENT_SIZES), default="480p")
     p.add_argument("--variants", default="dense,lite", help="comma-separated: dense, lite")
     p.add_argument("--threshold", type=float, default=-8.0, help="LiteAttention threshold after the warm-up steps")
     p.add_argument("--warmup-steps", type=int, default=2, help="dense steps (threshold -inf) before marking starts")
@@ -70,21 +52,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace):
-    from diffusers import WanTransformer3DModel
-
-    config, latent_shape, text_tokens = SIZES[args.size]
+    architecture, size = wan_architecture(args.model), latent_size(args.resolution)
     dtype = getattr(torch, args.dtype)
-    torch.manual_seed(args.seed)
-    with torch.device(args.device):
-        model = WanTransformer3DModel(**config).to(dtype).eval()
-    g = torch.Generator(args.device).manual_seed(args.seed)
-    inputs = {
-        "hidden_states": torch.randn(latent_shape, generator=g, device=args.device, dtype=dtype),
-        "encoder_hidden_states": torch.randn(
-            (latent_shape[0], text_tokens, config["text_dim"]), generator=g, device=args.device, dtype=dtype
-        ),
-    }
-    return model, inputs
+    model = build_wan(architecture, args.device, dtype, seed=args.seed)
+    return model, wan_inputs(architecture, size, args.device, dtype, seed=args.seed)
 
 
 def sync(device: str) -> None:
@@ -147,17 +118,18 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         result["sparsity_per_step"] = per_step
         result["sparsity_timed_steps"] = per_step[args.compile_steps :]
         handle.remove()
-    del compiled, model
-    if cuda:
-        torch.cuda.empty_cache()
     return result
 
 
 def main() -> None:
     args = parse_args()
-    results = [run_variant(name, args) for name in args.variants.split(",")]
+    results = []
+    for name in args.variants.split(","):
+        results.append(run_variant(name, args))
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the variant's model is gone with its frame
     dense = next((r for r in results if r["variant"] == "dense"), None)
-    print(f"{args.size}, compile={args.compile}, mode={args.mode}, device={torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}")
+    print(f"{args.model} {args.resolution}, compile={args.compile}, mode={args.mode}, device={torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}")
     print("| variant | first calls (s) | median step (s) | vs dense | sparsity (timed steps) | graphs | recompiles | breaks |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -14,7 +15,10 @@ if TYPE_CHECKING:
     from .experiment import RunConfig
 
 Config = TypeVar("Config")
-_DEFAULTED = ("prompts",)  # options whose absence means the config's default
+# Options whose absence means the config's default (bench's options default by mode: kernel or model).
+_DEFAULTED = ("prompts", "resolution", "sparsities", "patterns", "rounds", "warmup_steps", "device", "dtype")
+_KERNEL_BENCH_ONLY = ("shapes", "no_flex")
+_MODEL_BENCH_ONLY = ("resolution", "warmup_steps", "device", "dtype")
 
 
 def _floats(text: str) -> list[float]:
@@ -29,8 +33,6 @@ def _names(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import PATTERNS, ROUNDS, SHAPES, SPARSITIES
-
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="liteattention", description=__doc__)
@@ -39,18 +41,44 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, GPU, and which kernel each head dim and tile shape gets, and why")
     info.set_defaults(command_parser=info)
 
-    bench = sub.add_parser("bench", help="GPU benchmark: LiteAttention vs cuDNN/flash SDPA vs FlexAttention")
-    bench.set_defaults(command_parser=bench)
-    bench.add_argument("--shapes", type=_names, default=list(SHAPES), help=f"comma-separated, from {','.join(SHAPES)}")
-    bench.add_argument("--sparsities", type=_floats, default=list(SPARSITIES), help="comma-separated skipped fractions")
-    bench.add_argument("--patterns", type=_names, default=list(PATTERNS), help=f"comma-separated, from {','.join(PATTERNS)}")
-    bench.add_argument("--no-flex", action="store_true", help="skip FlexAttention (saves its compile time)")
-    bench.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved timing rounds per shape; times are medians over them")
-    bench.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json and bench.png")
+    _add_bench_parser(sub)
     _add_demo_parser(sub)
     _add_coherence_parser(sub)
     _add_calibrate_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from .bench import PATTERNS, ROUNDS, SHAPES, SPARSITIES
+    from .commands.model_bench import DEFAULT_SPARSITIES, ModelBenchConfig
+    from .models.wan import LATENT_SIZES, WAN_MODELS
+
+    d = ModelBenchConfig.__dataclass_fields__
+    bench = sub.add_parser(
+        "bench", help="GPU benchmark: the attention kernel vs cuDNN/flash SDPA and FlexAttention (--shapes), "
+                      "or one denoising step of a Wan2.1 model with diffusers' attention and LiteAttention (--model)",
+    )
+    bench.set_defaults(command_parser=bench)
+    kernel = bench.add_argument_group("kernel benchmark (without --model)")
+    kernel.add_argument("--shapes", type=_names, default=None, help=f"comma-separated, from {','.join(SHAPES)} (default: all)")
+    kernel.add_argument("--no-flex", action="store_true", help="skip FlexAttention (saves its compile time)")
+    model = bench.add_argument_group("model benchmark (--model): random weights, sparsity injected")
+    model.add_argument("--model", default=None, help=f"one of {', '.join(WAN_MODELS)} (tiny: for the CPU)")
+    model.add_argument("--resolution", default=None, help=f"one of {', '.join(LATENT_SIZES)} (default: {d['resolution'].default})")
+    model.add_argument("--warmup-steps", type=int, default=None,
+                       help=f"untimed steps per configuration before the timed rounds (default: {d['warmup_steps'].default})")
+    model.add_argument("--device", default=None, help=f"auto, cpu, cuda or cuda:N (default: {d['device'].default})")
+    model.add_argument("--dtype", default=None, help="auto (bfloat16 on CUDA, float32 elsewhere), float32, float16, bfloat16")
+    both = bench.add_argument_group("both")
+    both.add_argument("--sparsities", type=_floats, default=None,
+                      help=f"comma-separated skipped fractions (default: {','.join(map(str, SPARSITIES))}; "
+                           f"with --model {','.join(map(str, DEFAULT_SPARSITIES))})")
+    both.add_argument("--patterns", type=_names, default=None,
+                      help=f"comma-separated mask patterns, from {','.join(PATTERNS)} (default: all; with --model random)")
+    both.add_argument("--rounds", type=int, default=None,
+                      help=f"interleaved timing rounds; times are medians over them (default: {ROUNDS}; "
+                           f"with --model {d['rounds'].default}, one step per configuration each)")
+    both.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default: %(default)s)")
 
 
 def _add_run_options(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
@@ -179,18 +207,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         info()
     elif args.command == "bench":
-        from .bench import check_bench_args, run_bench
-
-        try:
-            check_bench_args(args.shapes, args.sparsities, args.patterns, args.rounds)
-        except ValueError as error:  # the message names the option
-            args.command_parser.error(str(error))
-        import torch
-
-        if not torch.cuda.is_available():
-            sys.exit("liteattention bench: the benchmark needs a CUDA GPU")
-        _make_out_folder(args.command_parser, args.out)
-        run_bench(args.shapes, args.sparsities, args.patterns, out=args.out, flex=not args.no_flex, rounds=args.rounds)
+        if args.model is None:
+            _run_kernel_bench(args)
+        else:
+            _run_model_bench(args)
     elif args.command in ("demo", "coherence"):
         _run_sampling_command(args)
     elif args.command == "calibrate":
@@ -201,6 +221,44 @@ def main(argv: Sequence[str] | None = None) -> None:
             calibrate(config)
         except FileNotFoundError as error:  # no demo model weights
             sys.exit(f"liteattention calibrate: {error}")
+
+
+def _reject_options(args: argparse.Namespace, names: Sequence[str], reason: str) -> None:
+    for name in names:
+        if getattr(args, name) not in (None, False):
+            args.command_parser.error(f"--{name.replace('_', '-')}: {reason}")
+
+
+def _run_kernel_bench(args: argparse.Namespace) -> None:
+    from .bench import PATTERNS, ROUNDS, SHAPES, SPARSITIES, check_bench_args, run_bench
+
+    _reject_options(args, _MODEL_BENCH_ONLY, "an option of the model benchmark; add --model")
+    shapes = list(SHAPES) if args.shapes is None else args.shapes
+    sparsities = list(SPARSITIES) if args.sparsities is None else args.sparsities
+    patterns = list(PATTERNS) if args.patterns is None else args.patterns
+    rounds = ROUNDS if args.rounds is None else args.rounds
+    try:
+        check_bench_args(shapes, sparsities, patterns, rounds)
+    except ValueError as error:  # the message names the option
+        args.command_parser.error(str(error))
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("liteattention bench: the benchmark needs a CUDA GPU")
+    _make_out_folder(args.command_parser, args.out)
+    run_bench(shapes, sparsities, patterns, out=args.out, flex=not args.no_flex, rounds=rounds)
+
+
+def _run_model_bench(args: argparse.Namespace) -> None:
+    from .commands.model_bench import ModelBenchConfig, main as model_bench
+
+    _reject_options(args, _KERNEL_BENCH_ONLY, "an option of the kernel benchmark; drop it with --model")
+    config = _config(args.command_parser, ModelBenchConfig, args)
+    if importlib.util.find_spec("diffusers") is None:
+        sys.exit("liteattention bench --model needs diffusers, which the diffusers extra installs: "
+                 "pip install 'liteattention[diffusers]'")
+    _make_out_folder(args.command_parser, config.out)
+    model_bench(config)
 
 
 def _run_sampling_command(args: argparse.Namespace) -> None:

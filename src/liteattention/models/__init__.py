@@ -1,4 +1,5 @@
-"""The bundled demo model: a tiny text-to-video Wan transformer trained on procedural videos.
+"""The bundled demo model: a tiny text-to-video Wan transformer trained on procedural videos; and, in
+``models.wan`` (imported by its own name), the full-size Wan2.1 architectures the benchmarks build.
 
 Names load on first use (PEP 562): the model and its sampler need diffusers, while the prompt
 vocabulary (``video_data``) does not, so the command line can check options without it."""
