@@ -13,7 +13,6 @@ from liteattention.commands.model_bench import (
     BASE_CONFIGS,
     REST,
     ModelBenchConfig,
-    inject_masks,
     step_configs,
     tile_geometry,
     weight_sharing_copy,
@@ -34,8 +33,9 @@ def report(tmp_path_factory):
 def test_every_configuration_is_timed_and_compared(report):
     out, data = report
     rows = {row["name"]: row for row in data["configurations"]}
-    expected = [c.name for c in step_configs((0.25, 0.5), ("random", "banded"))]
-    assert list(rows) == expected and {"diffusers", "lite-dense", "no-self-attention"} <= set(rows)
+    expected = [c.name for c in step_configs((0.25, 0.5), ("random", "banded"), ("lite", "lite-8bit"))]
+    assert list(rows) == expected
+    assert {"diffusers", "lite-dense", "lite-8bit-dense", "lite-8bit-random-0.5", "no-self-attention"} <= set(rows)
     for row in rows.values():
         assert len(row["step_s"]) == 2 and row["median_step_s"] > 0
         assert row["projected_generation_s"] == pytest.approx(100 * row["median_step_s"])
@@ -48,10 +48,11 @@ def test_every_configuration_is_timed_and_compared(report):
     assert (out / "model_bench.png").stat().st_size > 5_000
 
 
+@pytest.mark.parametrize("mode", ["lite", "lite-8bit"])
 @pytest.mark.parametrize("pattern", ["random", "banded"])
 @pytest.mark.parametrize("target", [0.25, 0.5])
-def test_injected_sparsity_is_close_to_the_target(report, pattern, target):
-    row = {row["name"]: row for row in report[1]["configurations"]}[f"lite-{pattern}-{target:g}"]
+def test_injected_sparsity_is_close_to_the_target(report, mode, pattern, target):
+    row = {row["name"]: row for row in report[1]["configurations"]}[f"{mode}-{pattern}-{target:g}"]
     assert abs(row["mask_sparsity"] - target) < 0.08  # 512 tiles in all
     # Each q-tile computes its first visited tile even if marked: at most one of its 16 k-tiles.
     assert row["mask_sparsity"] - 1 / 16 - 1e-9 <= row["skipped_sparsity"] <= row["mask_sparsity"] + 1e-9
@@ -79,11 +80,13 @@ def test_copies_share_weights_and_keep_their_own_masks(one_thread):
     geometry = tile_geometry(architecture, size, {})
     assert geometry.seq_q == video_tokens(architecture, size)
     mask = torch.rand(1, architecture.heads, geometry.q_tiles, geometry.k_tiles) < 0.5
-    inject_masks(copies[0], handles[0], {0: mask})
+    handles[0].set_masks({0: mask})
     assert torch.equal(handles[0].masks()[0], mask) and not handles[0].masks()[1].any()
     assert not handles[1].masks()[0].any()  # the other copy's masks are its own
-    with pytest.raises(ValueError, match=r"masks: layer 0 has a mask of shape \(1, 2, 8, 16\), got \(1, 2, 8, 8\)"):
-        inject_masks(copies[0], handles[0], {0: mask[..., :8]})
+    with pytest.raises(ValueError, match=r"masks\[0\]: layer 0 has bool \(1, 2, 8, 16\), got torch.bool \(1, 2, 8, 8\)"):
+        handles[0].set_masks({0: mask[..., :8]})
+    with pytest.raises(ValueError, match=r"masks\[0\]: layer 0 has bool \(1, 2, 8, 16\), got torch.float32"):
+        handles[0].set_masks({0: mask.float()})
 
 
 def test_configuration_table_takes_extra_lite_options():
@@ -91,6 +94,11 @@ def test_configuration_table_takes_extra_lite_options():
     assert configs[: len(BASE_CONFIGS)] == list(BASE_CONFIGS) and configs[-1] == REST
     assert configs[len(BASE_CONFIGS)].lite == {} and configs[len(BASE_CONFIGS)].sparsity == 0.5
     assert "diffusers" in BASE_CONFIGS[0].description and BASE_CONFIGS[0].lite is None
+    quantized = step_configs((0.5,), ("random",), ("lite", "lite-8bit"))
+    assert [c.name for c in quantized] == [
+        "diffusers", "lite-dense", "lite-8bit-dense", "lite-random-0.5", "lite-8bit-random-0.5", "no-self-attention",
+    ]
+    assert quantized[2].lite == {"quant": "qk_int8_pv_fp8"}
 
 
 @pytest.mark.parametrize(
@@ -98,6 +106,7 @@ def test_configuration_table_takes_extra_lite_options():
     [
         (["--model", "wan2.2-5b"], "model: expected one of wan2.1-1.3b, wan2.1-14b, tiny, got 'wan2.2-5b'"),
         ([*TINY, "--resolution", "1080p"], "resolution: expected one of 480p, 720p, tiny, got '1080p'"),
+        ([*TINY, "--modes", "lite-8bit"], "modes: expected lite, then any of lite-8bit, got ['lite-8bit']"),
         ([*TINY, "--sparsities", "0.5,1"], "sparsities: each must be a fraction of tiles in [0, 1), got 1.0"),
         ([*TINY, "--sparsities", "-0.1"], "sparsities: each must be a fraction of tiles in [0, 1), got -0.1"),
         ([*TINY, "--sparsities", "0.5,0.5"], "sparsities: expected distinct values"),

@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 
 Config = TypeVar("Config")
 # Options whose absence means the config's default (bench's options default by mode: kernel or model).
-_DEFAULTED = ("prompts", "resolution", "sparsities", "patterns", "rounds", "warmup_steps", "device", "dtype")
+_DEFAULTED = ("prompts", "resolution", "sparsities", "patterns", "rounds", "warmup_steps", "device", "dtype", "modes")
 _KERNEL_BENCH_ONLY = ("shapes", "no_flex")
-_MODEL_BENCH_ONLY = ("resolution", "warmup_steps", "device", "dtype")
+_MODEL_BENCH_ONLY = ("resolution", "warmup_steps", "device", "dtype", "modes")
 
 
 def _floats(text: str) -> list[float]:
@@ -69,6 +69,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
                        help=f"untimed steps per configuration before the timed rounds (default: {d['warmup_steps'].default})")
     model.add_argument("--device", default=None, help=f"auto, cpu, cuda or cuda:N (default: {d['device'].default})")
     model.add_argument("--dtype", default=None, help="auto (bfloat16 on CUDA, float32 elsewhere), float32, float16, bfloat16")
+    model.add_argument("--modes", type=_names, default=None,
+                       help=f"LiteAttention modes to time, lite first (default: {','.join(d['modes'].default)}; "
+                            "lite-8bit needs an Ada or Hopper GPU)")
     both = bench.add_argument_group("both")
     both.add_argument("--sparsities", type=_floats, default=None,
                       help=f"comma-separated skipped fractions (default: {','.join(map(str, SPARSITIES))}; "

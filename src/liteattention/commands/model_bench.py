@@ -49,7 +49,7 @@ from ..bench import PATTERNS, make_mask
 from ..experiment import Placement, check_int, resolve_device, resolve_dtype, write_json
 from ..models.wan import LatentSize, WanArchitecture, latent_shape, latent_size, video_tokens, wan_architecture
 from ..schedule import is_real
-from ..state import TileGeometry, default_block_sizes, pack_bits
+from ..state import TileGeometry, default_block_sizes
 
 if TYPE_CHECKING:
     from ..integrations import LiteAttentionHandle
@@ -96,18 +96,24 @@ LITE_DENSE = StepConfig("lite-dense", lite={})
 # The step without its self-attention, which the self-attention shares are read from.
 REST = StepConfig("no-self-attention", lite={}, self_attention=False)
 # Timed in every run, before the sparse configurations (from the sparsities and patterns) and REST.
-# A configuration with other apply_lite_attention options is one more entry here.
 BASE_CONFIGS = (DIFFUSERS, LITE_DENSE)
+# LiteAttention's modes, by name prefix: apply_lite_attention options. Each gets a dense
+# configuration (after the first, which is LITE_DENSE) and one per (pattern, sparsity).
+LITE_MODES: dict[str, dict[str, Any]] = {"lite": {}, "lite-8bit": {"quant": "qk_int8_pv_fp8"}}
 
 
-def step_configs(sparsities: Sequence[float], patterns: Sequence[str]) -> list[StepConfig]:
-    """The configurations a run times: BASE_CONFIGS, one per (pattern, sparsity), then REST."""
-    sparse = [
-        StepConfig(f"lite-{pattern}-{sparsity:g}", lite={}, sparsity=sparsity, pattern=pattern)
+def step_configs(sparsities: Sequence[float], patterns: Sequence[str], modes: Sequence[str] = ("lite",)) -> list[StepConfig]:
+    """The configurations a run times: BASE_CONFIGS, the other modes' dense ones, one per
+    (mode, pattern, sparsity), then REST."""
+    configs = list(BASE_CONFIGS)
+    configs += [StepConfig(f"{mode}-dense", lite=LITE_MODES[mode]) for mode in modes if mode != "lite"]
+    configs += [
+        StepConfig(f"{mode}-{pattern}-{sparsity:g}", lite=LITE_MODES[mode], sparsity=sparsity, pattern=pattern)
+        for mode in modes
         for pattern in patterns
         for sparsity in sparsities
     ]
-    return [*BASE_CONFIGS, *sparse, REST]
+    return [*configs, REST]
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ class ModelBenchConfig(Placement):
     resolution: str = "480p"
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
     patterns: tuple[str, ...] = ("random",)
+    modes: tuple[str, ...] = tuple(LITE_MODES)  # LiteAttention's modes (LITE_MODES) to time
     warmup_steps: int = 1
     rounds: int = 3
     device: str = "auto"
@@ -128,7 +135,7 @@ class ModelBenchConfig(Placement):
     def __post_init__(self) -> None:
         wan_architecture(self.model)
         latent_size(self.resolution)
-        for name in ("sparsities", "patterns"):  # the command line gives lists
+        for name in ("sparsities", "patterns", "modes"):  # the command line gives lists
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for sparsity in self.sparsities:
             if not is_real(sparsity) or not 0.0 <= sparsity < 1.0:
@@ -137,6 +144,8 @@ class ModelBenchConfig(Placement):
             raise ValueError(f"sparsities: expected distinct values, got {list(self.sparsities)}")
         if not self.patterns or any(p not in PATTERNS for p in self.patterns) or len(set(self.patterns)) != len(self.patterns):
             raise ValueError(f"patterns: expected distinct names from {', '.join(PATTERNS)}, got {list(self.patterns)}")
+        if not self.modes or self.modes[0] != "lite" or any(m not in LITE_MODES for m in self.modes):
+            raise ValueError(f"modes: expected lite, then any of {', '.join(list(LITE_MODES)[1:])}, got {list(self.modes)}")
         # The first step allocates the skip masks that the sparse configurations are injected into.
         check_int("warmup_steps", self.warmup_steps, 1)
         check_int("rounds", self.rounds, 1)
@@ -192,21 +201,6 @@ def tile_geometry(architecture: WanArchitecture, size: LatentSize, lite: Mapping
     tokens = video_tokens(architecture, size)
     default_m, default_n = default_block_sizes(architecture.head_dim)
     return TileGeometry(tokens, tokens, lite.get("block_m") or default_m, lite.get("block_n") or default_n)
-
-
-def inject_masks(transformer: torch.nn.Module, handle: LiteAttentionHandle, masks: Mapping[int, torch.Tensor]) -> None:
-    """Set the live skip mask (CFG branch 0) of each layer in ``masks`` to ``masks[layer]``, bool
-    (B, H, Qt, Kt), True = skipped. The layers must have run once (that allocates their masks).
-
-    Writes the packed words each LiteAttention processor holds (``processor.live.bits``): the handle has
-    no public setter yet."""
-    current = handle.masks()
-    for layer, mask in masks.items():
-        if layer not in current or current[layer].shape != mask.shape:
-            found = None if layer not in current else tuple(current[layer].shape)
-            raise ValueError(f"masks: layer {layer} has a mask of shape {found}, got {tuple(mask.shape)}")
-        (bits,) = transformer.get_submodule(handle.layer_names[layer]).processor.live.bits  # one: no ring attention
-        bits.copy_(pack_bits(mask.to(bits.device)))
 
 
 def _values_as_output(run: Callable[..., torch.Tensor], layer: int, q: torch.Tensor, k: torch.Tensor,
@@ -287,7 +281,7 @@ def run_model_bench(config: ModelBenchConfig) -> dict[str, Any]:
                    f"{architecture.head_dim}) on {device} in {str(dtype).removeprefix('torch.')}, random weights")
     model = build_wan(architecture, device, dtype, seed=SEED)
     inputs = {**wan_inputs(architecture, size, device, dtype, seed=SEED), "timestep": torch.full((1,), TIMESTEP, device=device)}
-    variants = _variants(model, step_configs(config.sparsities, config.patterns))
+    variants = _variants(model, step_configs(config.sparsities, config.patterns, config.modes))
     bar = tqdm(total=len(variants) * (config.warmup_steps + config.rounds), unit="step", disable=not config.progress)
     equivalence = None
     for variant in variants:  # warm-up: compilation, allocations; the masks exist after the first step
@@ -355,7 +349,7 @@ def _inject(variant: _Variant, architecture: WanArchitecture, size: LatentSize, 
         layer: make_mask(config.pattern, config.sparsity, geometry, 1, architecture.heads, device, seed=SEED + layer)
         for layer in handle.layers
     }
-    inject_masks(variant.transformer, handle, masks)
+    handle.set_masks(masks)
 
 
 def _result(variant: _Variant, warmup_steps: int) -> ConfigResult:

@@ -100,7 +100,7 @@ from torch.overrides import TorchFunctionMode
 from .. import ops
 from ..quantize import Quant, check_quant
 from ..schedule import ThresholdLike, ThresholdSchedule
-from ..state import HISTORY_SIZE, WORD_BITS, check_block_sizes, default_block_sizes, unpack_bits
+from ..state import HISTORY_SIZE, WORD_BITS, check_block_sizes, default_block_sizes, pack_bits, unpack_bits
 
 __all__ = ["LiteAttentionHandle", "LiteAttentionProcessor", "apply_lite_attention"]
 
@@ -784,6 +784,20 @@ class LiteAttentionHandle:
             if bits:
                 out[layer] = processor.masks(bits)
         return out
+
+    def set_masks(self, masks: Mapping[int, torch.Tensor]) -> None:
+        """Replace the live CFG branch's skip masks: ``{layer: bool (B, H, Qt, Kt)}``, True = skipped
+        (the inverse of :meth:`masks`), for benchmarks and experiments. The layers must have run once
+        (that sizes their masks); not under ring attention, whose masks are split by key shard."""
+        for layer, mask in masks.items():
+            processor = self._processors.get(layer)
+            current = None if processor is None or len(processor.live.bits) != 1 else processor.masks(processor.live.bits)
+            if current is None or current.shape != mask.shape or mask.dtype != torch.bool:
+                found = "no mask" if current is None else f"bool {tuple(current.shape)}"
+                raise ValueError(f"masks[{layer}]: layer {layer} has {found}, got {mask.dtype} {tuple(mask.shape)}")
+        for layer, mask in masks.items():
+            (bits,) = self._processors[layer].live.bits
+            bits.copy_(pack_bits(mask.to(bits.device)))
 
     def __enter__(self) -> LiteAttentionHandle:
         return self
