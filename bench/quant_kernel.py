@@ -7,7 +7,8 @@ given against float32 attention (PyTorch's memory-efficient SDPA in float32) and
 dense attention (cuDNN): cosine similarity, relative L2, and the LSE's largest error.
 
 Time: cuDNN SDPA, our bf16 dense (the Gluon kernel on Hopper), the 8-bit path dense (its input
-quantization included) and with injected random masks, timed interleaved (liteattention.bench).
+quantization included) and with injected random masks, the quantization alone (eager and compiled)
+and the kernel variants (quant_variant), timed interleaved (liteattention.bench).
 ``--sweep`` also times the 8-bit kernel's launch configurations (num_warps, num_stages).
 
     PYTHONPATH=src python bench/quant_kernel.py --out results/quant            # on the GPU
@@ -28,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from liteattention import SkipState, kernels, lite_attention
 from liteattention.bench import SHAPES, interleaved_ms, make_mask
+from liteattention.quantize import _quantize, quantize_inputs
 from liteattention.synthetic import video_qkv
 
 QUANT = "qk_int8_pv_fp8"
@@ -108,6 +110,9 @@ def speed(name: str, rounds: int, sweep: bool) -> dict:
             return lite_attention(q, k, v, state, threshold=-10.0, quant=QUANT)
 
         cases[f"quant-s{target}"] = sparse
+    # The quantization alone: PyTorch ops as written (eager) and as the 8-bit path runs them (compiled).
+    cases["quantize-eager"] = lambda: _quantize(q, k, v, g.block_m, g.block_n)
+    cases["quantize-compiled"] = lambda: quantize_inputs(q, k, v, g)
     scale = shape.head_dim**-0.5
     cudnn_out = sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
     variant_errors = {}
@@ -136,6 +141,7 @@ def speed(name: str, rounds: int, sweep: bool) -> dict:
     line = ", ".join(f"s={measured[t]:.2f}: {times[f'quant-s{t}'] / quant:.3f}" for t in SPARSITIES)
     print(f"{name:>13}: cuDNN {cudnn:.2f} ms, ours bf16 {times['ours-bf16']:.2f} ms ({result['bf16_dense_vs_cudnn']:.3f}), "
           f"8-bit dense {quant:.2f} ms ({result['quant_dense_vs_cudnn']:.3f} of cuDNN); 8-bit sparse / dense: {line}", flush=True)
+    print(f"  quantization alone: eager {times['quantize-eager']:.2f} ms, compiled {times['quantize-compiled']:.2f} ms", flush=True)
     print("  variants: " + ", ".join(f"{label} {times[f'variant-{label}']:.2f} ms (cos {variant_errors[label]['cosine']:.6f})"
                                      for label in VARIANTS), flush=True)
     if sweep:

@@ -45,6 +45,17 @@ def test_quantized_values_are_within_half_a_step_of_the_inputs():
     assert torch.allclose(qz.v_scale, (v - v.mean(1, keepdim=True)).abs().amax(1) / FP8_MAX)
 
 
+def test_the_compiled_quantization_gpus_run_equals_the_eager_one():
+    """On a GPU quantize_inputs runs its ops through torch.compile; here both forms, on the CPU."""
+    from liteattention.quantize import _compiled_quantize, _quantize
+
+    q, k, v = video_qkv(1, (2, 8, 9), 2, 64, dtype=torch.bfloat16, seed=2)
+    compiled, eager = _compiled_quantize()(q, k, v, 64, 32), _quantize(q, k, v, 64, 32)
+    for a, b in zip(compiled, eager, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_quantized_attention_is_close_to_16_bit_attention(backend):
     """Structured inputs (local, peaked heads and a nearly uniform one; channel offsets on k and v):

@@ -24,6 +24,7 @@ bf16 throughput.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -101,15 +102,28 @@ def _int8_per_tile(t: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def quantize_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: TileGeometry) -> QuantizedInputs:
-    """Quantize q (B, Sq, H, D) and k, v (B, Sk, H, D) for tiles of ``geometry``."""
+    """Quantize q (B, Sq, H, D) and k, v (B, Sk, H, D) for tiles of ``geometry``. On a GPU the
+    PyTorch ops run compiled (``torch.compile`` fuses their passes over float32 copies into a few
+    kernels), once per shape."""
+    quantize = _compiled_quantize() if q.is_cuda else _quantize
+    return QuantizedInputs(*quantize(q, k, v, geometry.block_m, geometry.block_n), geometry)
+
+
+@functools.cache
+def _compiled_quantize():
+    return torch.compile(_quantize, dynamic=False)
+
+
+def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, ...]:
+    """QuantizedInputs' tensors, in its order."""
     batch, seq_k, heads, head_dim = k.shape
     k_mean = torch.mean(k, dim=1, dtype=torch.float32)  # (B, H, D)
     v_mean = torch.mean(v, dim=1, dtype=torch.float32)
-    q8, q_scale = _int8_per_tile(q.float(), geometry.block_m)
-    k8, k_scale = _int8_per_tile(k.float() - k_mean[:, None], geometry.block_n)
+    q8, q_scale = _int8_per_tile(q.float(), block_m)
+    k8, k_scale = _int8_per_tile(k.float() - k_mean[:, None], block_n)
     v_smooth = v.float() - v_mean[:, None]
     v_scale = v_smooth.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX  # (B, H, D)
     v8 = (v_smooth / v_scale[:, None]).to(torch.float8_e4m3fn)
     v_t = torch.zeros(batch, heads, head_dim, -(-seq_k // V_ALIGN) * V_ALIGN, dtype=torch.float8_e4m3fn, device=v.device)
     v_t[..., :seq_k] = v8.permute(0, 2, 3, 1)
-    return QuantizedInputs(q8, k8, v_t, q_scale, k_scale, v_scale, k_mean, v_mean, geometry)
+    return q8, k8, v_t, q_scale, k_scale, v_scale, k_mean, v_mean

@@ -17,13 +17,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser from PyPI, which the diffusers extra installs there
+    import tomli as tomllib
 
 from ..experiment import jsonable
 from ..schedule import check_threshold
