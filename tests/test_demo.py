@@ -74,6 +74,17 @@ def test_threshold_minus_inf_reproduces_the_dense_video(tiny_model, tmp_path):
     assert result.mean_sparsity(0) == [0.0] * STEPS
 
 
+def test_quant_runs_the_lite_video_in_the_8_bit_path_against_a_16_bit_dense_one(tiny_model, tmp_path):
+    """--quant: never marking, the videos differ by the 8-bit error alone; the dense run is the
+    16-bit one of a run without --quant."""
+    plain = run_demo(_config(tmp_path, threshold=-math.inf), model=tiny_model, progress=False)
+    result = run_demo(_config(tmp_path, threshold=-math.inf, quant="qk_int8_pv_fp8"), model=tiny_model, progress=False)
+    assert torch.equal(result.dense.frames, plain.dense.frames)
+    assert not torch.equal(result.lite.frames, result.dense.frames)
+    assert 25.0 < result.psnr < math.inf and result.ssim > 0.9
+    assert "quant=qk_int8_pv_fp8" in format_report(result, {})
+
+
 @pytest.mark.parametrize(
     "overrides,pattern",
     [
@@ -85,6 +96,7 @@ def test_threshold_minus_inf_reproduces_the_dense_video(tiny_model, tmp_path):
         ({"guidance_scale": 0.5}, r"guidance_scale: expected a float >= 1.0"),
         ({"dtype": "float8"}, r"dtype: expected 'auto' or one of float32, float16, bfloat16"),
         ({"device": "tpu"}, r"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        ({"quant": "fp8"}, r"quant must be None or one of 'qk_int8_pv_fp8', got 'fp8'"),
     ],
 )
 def test_bad_options_raise_naming_the_option(tmp_path, overrides, pattern):
@@ -107,8 +119,8 @@ def test_timing_rounds_alternate_the_runs_and_flag_noise(tiny_model, tmp_path, m
     real_sample, order = demo._sample, []
     seconds = iter([1.0, 0.5, 0.6, 1.25])  # dense, lite | lite, dense
 
-    def timed_sample(model, config, threshold, progress):
-        run, stats, masks = real_sample(model, config, threshold, progress)
+    def timed_sample(model, config, threshold, progress, **kwargs):
+        run, stats, masks = real_sample(model, config, threshold, progress, **kwargs)
         order.append("dense" if threshold == [-math.inf] else "lite")
         return demo.RunResult(run.frames, 10.0, next(seconds), run.attention_calls), stats, masks
 

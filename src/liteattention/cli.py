@@ -136,6 +136,10 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
         "--profile", type=Path, default=None,
         help="calibrated profile (.json/.toml, from liteattention calibrate): replaces --threshold and --warmup-steps",
     )
+    demo.add_argument(
+        "--quant", default=None,
+        help="the LiteAttention run in the 8-bit path, qk_int8_pv_fp8 (the dense run stays 16-bit)",
+    )
 
 
 def _add_coherence_parser(sub: argparse._SubParsersAction) -> None:

@@ -143,15 +143,15 @@ class AttentionTimer:
 
 
 def _sample(
-    model: DemoVideoModel, config: DemoConfig, threshold: Any, progress: bool
+    model: DemoVideoModel, config: DemoConfig, threshold: Any, progress: bool, quant: str | None = None,
 ) -> tuple[RunResult, dict[int, dict[int, list[float]]], list[dict[int, torch.Tensor]]]:
     """Sample the configured video with LiteAttention at ``threshold`` (per step, or a calibration
-    Profile) on every self-attention layer; also return its sparsity stats and its conditional
-    masks after each step."""
+    Profile) on every self-attention layer, in the ``quant`` path; also return its sparsity stats
+    and its conditional masks after each step."""
     if isinstance(threshold, list):
-        handle = apply_lite_attention(model.transformer, threshold, block_m=config.block_m, block_n=config.block_n)
+        handle = apply_lite_attention(model.transformer, threshold, block_m=config.block_m, block_n=config.block_n, quant=quant)
     else:
-        handle = apply_lite_attention(model.transformer, profile=threshold)
+        handle = apply_lite_attention(model.transformer, profile=threshold, quant=quant)
     timer = AttentionTimer(config.torch_device)
     masks: list[dict[int, torch.Tensor]] = []
 
@@ -178,9 +178,10 @@ def _compile_kernels(model: DemoVideoModel, config: DemoConfig) -> None:
 
 
 def _schedule_name(config: DemoConfig) -> str:
+    quant = f", quant={config.quant}" if config.quant else ""
     if config.profile is not None:
-        return f"profile {config.profile}: thresholds per step and layer; shown: the largest over layers"
-    return f"threshold {config.threshold:g}, warm-up {config.warmup_steps} steps"
+        return f"profile {config.profile}{quant}: thresholds per step and layer; shown: the largest over layers"
+    return f"threshold {config.threshold:g}, warm-up {config.warmup_steps} steps{quant}"
 
 
 def video_psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -216,7 +217,10 @@ def run_demo(config: DemoConfig, model: DemoVideoModel | None = None, *, progres
                 what = f"dense run: {DENSE_BASELINE}" if kind == "dense" else f"LiteAttention run ({_schedule_name(config)})"
                 print(f"[timing round {round + 1}/{config.timing_rounds}] {what}", flush=True)
             lite_threshold = config.load_profile() or config.schedule()
-            run, stats, step_masks = _sample(model, config, [-math.inf] if kind == "dense" else lite_threshold, progress)
+            if kind == "dense":  # 16-bit whatever --quant says: the baseline both are compared with
+                run, stats, step_masks = _sample(model, config, [-math.inf], progress)
+            else:
+                run, stats, step_masks = _sample(model, config, lite_threshold, progress, quant=config.quant)
             runs[kind].append(run)
             if kind == "lite" and round == 0:
                 sparsity, masks = stats, step_masks
@@ -409,6 +413,7 @@ def format_report(result: DemoResult, files: dict[str, Path]) -> str:
         f"  {config.steps} steps, guidance {config.guidance_scale:g}, seed {config.seed}, "
         f"{result.device} {result.dtype}, backend {result.backend}, tiles {config.block_m}x{config.block_n}",
         f"  threshold {config.threshold:g} (log2) after {config.warmup_steps} warm-up steps at -inf"
+        + (f", quant={config.quant} (the dense run is 16-bit)" if config.quant else "")
         if config.profile is None else f"  {_schedule_name(config)}",
         "",
         "Tiles skipped per step (mean over layers)",

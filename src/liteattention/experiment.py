@@ -15,6 +15,7 @@ import torch
 
 from .attention import TRITON_DTYPES, resolve_backend
 from .models.video_data import DEMO_PROMPTS, tokenize
+from .quantize import check_quant
 from .schedule import check_int, check_threshold
 from .state import check_block_sizes
 
@@ -102,10 +103,12 @@ class DemoConfig(RunConfig):
     # first), so that both see the same machine; times are means over the rounds.
     timing_rounds: int = 2
     profile: Path | None = None  # a calibrated profile file: replaces threshold and warmup_steps
+    quant: str | None = None  # the LiteAttention run's path (liteattention.quantize); the dense run is 16-bit
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_threshold(self.threshold)
+        check_quant(self.quant)
         if self.warmup_steps is None:
             # Scaled down for short runs (--steps 2 would otherwise be all warm-up, and refused).
             # The dataclass is frozen: the resolved value is set once, here.
