@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..state import TileGeometry
 from ..quantize import P_MAX as _P_MAX
 from ..quantize import QuantizedInputs
+from ..state import TileGeometry
 from .common import LOG2E, launch_buffers
 from .worklist import WorkList, and_combine, mark_word
 
@@ -98,7 +98,7 @@ def _attend_tile(
     else:
         # Keys past the end (zero-filled) get -inf, folded into the scaling as one FMA.
         offs_n = tl.arange(0, BLOCK_N)
-        s = s * qk_scale + (tl.where(kt * BLOCK_N + offs_n < seq_k, shift, float("-inf"))[None, :])
+        s = s * qk_scale + tl.where(kt * BLOCK_N + offs_n < seq_k, shift, float("-inf"))[None, :]
     tile_max = tl.max(s, 1)
     m_new = tl.maximum(m_i, tile_max)
     if QUANT:
@@ -279,7 +279,9 @@ def triton_forward(
     order. ``bits`` is the packed mask to mark into, or None for no marking (needs ``work``).
     ``quantized``: q, k, v quantized (quantize.quantize_inputs) for the 8-bit path; q still gives
     the output's dtype, and the LSE is that of the smoothed K (the caller shifts it back).
-    ``config`` = (num_warps, num_stages) overrides the recorded launch configuration.
+    ``config`` = (num_warps, num_stages) overrides the recorded launch configuration;
+    ``quant_variant`` = (int32 scores converted by the magic-number add, P.V into a fresh
+    accumulator) picks the 8-bit kernel's variant (bench/quant_kernel.py times them).
     """
     batch, seq_q, heads, head_dim = q.shape
     if head_dim & (head_dim - 1) or head_dim < 16:
