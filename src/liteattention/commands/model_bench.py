@@ -4,7 +4,8 @@ The diffusers ``WanTransformer3DModel`` is built with random weights (no downloa
 and text shapes, and one transformer forward (one denoising step of one CFG branch) is timed in each
 configuration of :func:`step_configs`: diffusers' own attention (torch SDPA, cuDNN or flash on a GPU),
 LiteAttention in dense mode (threshold -inf: nothing marked, nothing skipped), LiteAttention with a skip
-mask injected into every self-attention layer at each requested sparsity, and the step with its
+mask injected into every self-attention layer at each requested sparsity (each in every mode of
+``LITE_MODES`` asked for: the 16-bit path and the 8-bit one), and the step with its
 self-attention replaced by a free op (each call returns its values: the output's shape, no work),
 which is the rest of the step, so that ``1 - rest / step`` is the self-attention share of a step.
 
