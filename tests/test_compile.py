@@ -68,11 +68,12 @@ def test_the_op_matches_lite_attention_and_marks_its_bits_argument(backend: str)
     torch.testing.assert_close(dense, lite_attention(q, k, v, backend=backend))
 
 
-def test_opcheck() -> None:
+@pytest.mark.parametrize("quant", [None, "qk_int8_pv_fp8"])
+def test_opcheck(quant) -> None:
     q, k, v = (torch.randn(1, 40, 2, 16) for _ in range(3))
     bits = torch.zeros(1, 2, 3, 1, dtype=torch.int32)
     counts = torch.zeros(COUNTS, dtype=torch.int64)
-    args = (q, k, v, bits, counts, torch.tensor(0.0, dtype=torch.float64), [], [0, 4], 0.25, 16, 16, "reference")
+    args = (q, k, v, bits, counts, torch.tensor(0.0, dtype=torch.float64), [], [0, 4], 0.25, 16, 16, "reference", quant)
     torch.library.opcheck(torch.ops.liteattention.attention.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
