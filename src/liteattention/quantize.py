@@ -7,8 +7,8 @@ bf16 throughput.
 - **K is smoothed**: its mean over the keys (per batch, head and channel) is subtracted. That
   shifts every score of a query row by the same ``q . mean(k)``, which the softmax ignores and so
   does the marking rule (it compares scores of one row with each other); the LSE gets the shift
-  back. Video transformers' keys share a large channel-wise offset; without it, int8 keeps its
-  resolution for what tells keys apart.
+  back. Video transformers' keys share a large channel-wise offset; with it taken out, int8 keeps
+  its resolution for what tells keys apart.
 - **Q and K** are rounded to int8 per tile (``block_m`` queries or ``block_n`` keys of one head),
   symmetric, scale = amax / 127. The kernel multiplies the exact int32 dot products by
   ``q_scale * k_scale``, so the scores it computes (and marks from) are those of the dequantized
