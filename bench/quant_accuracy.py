@@ -22,16 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from quant_kernel import errors  # this folder's: the same figures as on the GPU
 
 from liteattention.bench import SHAPES
 from liteattention.quantize import P_MAX, quantize_inputs
 from liteattention.state import TileGeometry, default_block_sizes
 from liteattention.synthetic import video_qkv
 
-# Latent grids (frames, height, width) with each shape's video token count.
-GRIDS = {"wan14b-480p": (21, 30, 52), "wan1.3b-480p": (21, 30, 52), "wan-720p": (21, 45, 80),
-         "ltx": (16, 32, 32), "hunyuan": (24, 45, 50)}
 CHUNK = 512  # query rows per block of the dense computations
 
 
@@ -49,15 +46,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, round_p: bool) 
     return torch.cat(out)
 
 
-def errors(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    a, b = out.double().flatten(), ref.double().flatten()
-    return {"cosine": F.cosine_similarity(a, b, dim=0).item(), "rel_l2": ((a - b).norm() / b.norm()).item()}
-
-
 def measure(name: str, inputs: str) -> list[dict]:
     shape = SHAPES[name]
     if inputs == "structured":
-        q, k, v = video_qkv(1, GRIDS[name], shape.heads, shape.head_dim)  # bf16
+        q, k, v = video_qkv(1, shape.grid, shape.heads, shape.head_dim)  # bf16
         heads = sorted({0, shape.heads // 2, shape.heads - 1})
     else:
         g = torch.Generator().manual_seed(0)
@@ -82,7 +74,7 @@ def measure(name: str, inputs: str) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=",".join(GRIDS))
+    p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--out", type=Path, required=True, help="JSON file")
     args = p.parse_args()
     rows = []

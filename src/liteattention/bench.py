@@ -29,9 +29,15 @@ class BenchShape:
     name: str
     batch: int
     heads: int
-    seq: int
+    grid: tuple[int, int, int]  # latent (frames, height, width): one video token each
     head_dim: int
     text_tokens: int = 0  # appended after the video tokens and kept as must-do (HunyuanVideo-style)
+
+    @property
+    def seq(self) -> int:
+        """Video tokens."""
+        frames, height, width = self.grid
+        return frames * height * width
 
     @property
     def tokens(self) -> int:
@@ -41,11 +47,11 @@ class BenchShape:
 SHAPES = {
     s.name: s
     for s in (
-        BenchShape("wan14b-480p", 1, 40, 32760, 128),
-        BenchShape("wan1.3b-480p", 1, 12, 32760, 128),
-        BenchShape("wan-720p", 1, 40, 75600, 128),
-        BenchShape("ltx", 1, 32, 16384, 64),
-        BenchShape("hunyuan", 1, 24, 54000, 128, text_tokens=256),
+        BenchShape("wan14b-480p", 1, 40, (21, 30, 52), 128),
+        BenchShape("wan1.3b-480p", 1, 12, (21, 30, 52), 128),
+        BenchShape("wan-720p", 1, 40, (21, 45, 80), 128),
+        BenchShape("ltx", 1, 32, (16, 32, 32), 64),
+        BenchShape("hunyuan", 1, 24, (24, 45, 50), 128, text_tokens=256),
     )
 }
 SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
