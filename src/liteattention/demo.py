@@ -171,10 +171,12 @@ def _sample(
 
 def _compile_kernels(model: DemoVideoModel, config: DemoConfig) -> None:
     """Sample briefly with both thresholds so that Triton compiles its kernel variants (marking
-    or not, with or without a work list) before the timed runs, not during the first one."""
+    or not, with or without a work list, in the LiteAttention run's path) before the timed runs,
+    not during the first one."""
     short = dataclasses.replace(config, steps=2, warmup_steps=0, profile=None)
-    for threshold in ([-math.inf], [config.threshold]):
-        _sample(model, short, threshold, progress=False)
+    for quant in dict.fromkeys((None, config.quant)):  # the dense run's path, then the LiteAttention run's
+        for threshold in ([-math.inf], [config.threshold]):
+            _sample(model, short, threshold, progress=False, quant=quant)
 
 
 def _schedule_name(config: DemoConfig) -> str:
@@ -210,13 +212,13 @@ def run_demo(config: DemoConfig, model: DemoVideoModel | None = None, *, progres
     if config.torch_device.type == "cuda":
         _compile_kernels(model, config)
     runs: dict[str, list[RunResult]] = {"dense": [], "lite": []}
+    lite_threshold = config.load_profile() or config.schedule()
     for round in range(config.timing_rounds):
         # Alternating order, so that a machine getting busier or quieter weighs on both alike.
         for kind in ("dense", "lite") if round % 2 == 0 else ("lite", "dense"):
             if progress:
                 what = f"dense run: {DENSE_BASELINE}" if kind == "dense" else f"LiteAttention run ({_schedule_name(config)})"
                 print(f"[timing round {round + 1}/{config.timing_rounds}] {what}", flush=True)
-            lite_threshold = config.load_profile() or config.schedule()
             if kind == "dense":  # 16-bit whatever --quant says: the baseline both are compared with
                 run, stats, step_masks = _sample(model, config, [-math.inf], progress)
             else:
