@@ -77,6 +77,17 @@ def test_opcheck(quant) -> None:
     torch.library.opcheck(torch.ops.liteattention.attention.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"), reason="this torch has no cudagraph_unsafe tag")
+def test_host_deciding_ops_are_kept_out_of_cuda_graphs() -> None:
+    """The attention op (threshold and work list decided on the host) and the step clock carry the
+    tag that makes inductor split a CUDA-graphed region around them (mode="reduce-overhead"),
+    instead of replaying the recorded call's decisions. bench/compile_op.py checks it on a GPU."""
+    import liteattention.integrations.diffusers  # noqa: F401  (registers the clock op)
+
+    for op in (torch.ops.liteattention.attention.default, torch.ops.liteattention.timestep_clock.default):
+        assert torch.Tag.cudagraph_unsafe in op.tags, op
+
+
 def test_a_new_threshold_reuses_the_compiled_graph() -> None:
     q, k, v = (torch.randn(1, 64, 2, 16) for _ in range(3))
     bits = torch.zeros(1, 2, 4, 1, dtype=torch.int32)

@@ -62,6 +62,15 @@ def test_compiles_for_sm90_without_spills_in_its_loops(
     # The consumers' ping-pong (head dim 64 only): each waits on its own named barrier, arrives on the other's.
     turns = ("bar.sync 10, 256", "bar.arrive 11, 256", "bar.sync 11, 256", "bar.arrive 10, 256")
     assert [turn in text for turn in turns] == [gf.pingpong(head_dim)] * 4
+    # The producer's hand-over of a q-tile: every lane stores the claim, the warp's own barrier
+    # orders those stores, then one lane arrives on q_ready (its release covers only its own store).
+    lines = text.splitlines()
+    claim_syncs = [i for i, line in enumerate(lines) if f"bar.sync {gf.NamedBarrier.CLAIM:d}, 32;" in line]
+    assert len(claim_syncs) == 2, claim_syncs  # in the loop over q-tiles, and the final stop
+    for i in claim_syncs:
+        before = [line for line in lines[:i] if "st.shared" in line or "mbarrier" in line][-1]
+        after = next(line for line in lines[i + 1 :] if "st.shared" in line or "mbarrier" in line)
+        assert "st.shared" in before and "mbarrier.arrive" in after, (before, after)
     ptxas = sm90_ptxas()
     cubin = tmp_path / "kernel.cubin"
     report = subprocess.run(

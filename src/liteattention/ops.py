@@ -30,7 +30,13 @@ import torch
 from .attention import lite_attention
 from .state import SkipState, TileGeometry
 
-__all__ = ["COUNTS", "attention", "counts_sparsity", "mask_words"]
+__all__ = ["COUNTS", "HOST_OP_TAGS", "attention", "counts_sparsity", "mask_words"]
+
+HOST_OP_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+"""Tags of the ops that decide on the host at every call (the threshold, the step clock): under CUDA
+graphs (``mode="reduce-overhead"``) inductor splits the graph around them and runs them eagerly
+between the captured parts, since a replayed graph would repeat the recorded call's decisions. Without
+the tag (older torch), inductor declines to capture any graph holding them (mutated inputs)."""
 
 COUNTS = 4
 """Entries of the ``counts`` accumulator: tiles computed, tiles marked before the call, tiles newly
@@ -63,7 +69,7 @@ class _CallState(SkipState):
         self.call_counts = counts  # (computed, marked before, newly marked), maybe still on the device
 
 
-@torch.library.custom_op("liteattention::attention", mutates_args=("bits", "counts"))
+@torch.library.custom_op("liteattention::attention", mutates_args=("bits", "counts"), tags=HOST_OP_TAGS)
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -634,7 +634,9 @@ _HANDLES: weakref.WeakValueDictionary[int, LiteAttentionHandle] = weakref.WeakVa
 _handle_ids = itertools.count()
 
 
-@torch.library.custom_op("liteattention::timestep_clock", mutates_args=("bits", "counts", "thresholds"))
+@torch.library.custom_op(
+    "liteattention::timestep_clock", mutates_args=("bits", "counts", "thresholds"), tags=ops.HOST_OP_TAGS,
+)
 def _timestep_clock(
     timestep: torch.Tensor, handle: int, bits: list[torch.Tensor], counts: list[torch.Tensor], thresholds: list[torch.Tensor]
 ) -> None:

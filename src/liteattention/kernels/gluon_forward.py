@@ -75,6 +75,8 @@ class NamedBarrier(enum.IntEnum):
     # The ping-pong: consumer 0 waits for its turn on PINGPONG_0, consumer 1 on PINGPONG_1.
     PINGPONG_0 = 10
     PINGPONG_1 = 11
+    # The producer warp alone: orders its lanes' stores of a claim before one lane's arrive.
+    CLAIM = 12
 
 
 @gluon.jit
@@ -151,15 +153,29 @@ def _hand_over(q_desc, q_smem, q_ready, q_empty, claims, started, tile, count, q
     for half in gl.static_range(2):
         # The first round passes.
         mbarrier.wait(q_empty.index(2 * slot + half), ((started // Q_BUFS) & 1) ^ 1)
-    # Each thread holds the whole claim, so the thread that arrives has written it itself.
     fields = gl.arange(0, 2, layout=gl.BlockedLayout([2], [32], [1], [0]))
-    claims.index(slot).store(gl.where(fields == 0, tile, count))
+    claim = gl.where(fields == 0, tile, count)
+    claims.index(slot).store(claim)
+    _claim_stored(claim)
     b, h, q_row0 = _tile_origin(tile, q_tiles, heads)
     for half in gl.static_range(2):
         ready = q_ready.index(2 * slot + half)
         mbarrier.expect(ready, q_desc.block_type.nbytes, pred=count > 0)
         mbarrier.arrive(ready, pred=count == 0)
         _copy_tile(q_desc, b, q_row0 + half * HALF_M, h * HEAD_DIM, ready, q_smem.index(2 * slot + half), pred=count > 0)
+
+
+@gluon.jit
+def _claim_stored(claim):
+    """A barrier over the producer warp after the claim's store. Every lane holds the claim and
+    stores it, but one lane arrives on q_ready, and its release orders only its own store: the
+    barrier puts the other lanes' stores before it (Gluon's thread_barrier is a warp sync here,
+    which ptxas drops, and compute-sanitizer's racecheck reported the stores racing the consumers'
+    reads). The claim's two int32 per thread make one barrier per thread (pack=2)."""
+    gl.inline_asm_elementwise(_CLAIM_STORED_PTX, "=r,=r,r,r", [claim], dtype=gl.int32, is_pure=False, pack=2)
+
+
+_CLAIM_STORED_PTX: gl.constexpr = gl.constexpr(f"bar.sync {NamedBarrier.CLAIM:d}, 32; mov.b32 $0, $2; mov.b32 $1, $3;")
 
 
 @gluon.jit
