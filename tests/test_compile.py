@@ -82,8 +82,6 @@ def test_host_deciding_ops_are_kept_out_of_cuda_graphs() -> None:
     """The attention op (threshold and work list decided on the host) and the step clock carry the
     tag that makes inductor split a CUDA-graphed region around them (mode="reduce-overhead"),
     instead of replaying the recorded call's decisions. bench/compile_op.py checks it on a GPU."""
-    import liteattention.integrations.diffusers  # noqa: F401  (registers the clock op)
-
     for op in (torch.ops.liteattention.attention.default, torch.ops.liteattention.timestep_clock.default):
         assert torch.Tag.cudagraph_unsafe in op.tags, op
 
