@@ -48,7 +48,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for compile_step.json")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.mode == "reduce-overhead" and args.compile == "blocks":
+        # Measured on an H100 (docs/perf/compile-step-h100.log): the repeated blocks share one
+        # captured graph, whose replay for block i + 1 overwrites block i's output, with or without
+        # LiteAttention.
+        p.error("--mode reduce-overhead needs --compile whole: repeated blocks share one CUDA graph")
+    return args
 
 
 def build(args: argparse.Namespace):
@@ -89,6 +95,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
             start.record()
         else:
             t0 = time.perf_counter()
+        if args.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's outputs may be reused
         with torch.no_grad(), model.cache_context("cond", step_index=i):
             compiled(**inputs, timestep=timestep - i, return_dict=False)
         if cuda:

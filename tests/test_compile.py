@@ -79,10 +79,12 @@ def test_opcheck(quant) -> None:
 
 @pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"), reason="this torch has no cudagraph_unsafe tag")
 def test_host_deciding_ops_are_kept_out_of_cuda_graphs() -> None:
-    """The attention op (threshold and work list decided on the host) and the step clock carry the
-    tag that makes inductor split a CUDA-graphed region around them (mode="reduce-overhead"),
-    instead of replaying the recorded call's decisions. bench/compile_op.py checks it on a GPU."""
-    for op in (torch.ops.liteattention.attention.default, torch.ops.liteattention.timestep_clock.default):
+    """The attention op (threshold and work list decided on the host), the step clock and the state
+    allocation carry the tag that makes inductor split a CUDA-graphed region around them
+    (mode="reduce-overhead"), instead of replaying the recorded call's decisions or making the
+    masks in a graph's memory pool. bench/compile_op.py checks the op on a GPU."""
+    lite = torch.ops.liteattention
+    for op in (lite.attention.default, lite.timestep_clock.default, lite.state_zeros.default):
         assert torch.Tag.cudagraph_unsafe in op.tags, op
 
 

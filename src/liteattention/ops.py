@@ -30,7 +30,7 @@ import torch
 from .attention import lite_attention
 from .state import SkipState, TileGeometry
 
-__all__ = ["COUNTS", "HOST_OP_TAGS", "attention", "counts_sparsity", "mask_words"]
+__all__ = ["COUNTS", "HOST_OP_TAGS", "attention", "counts_sparsity", "mask_words", "state_zeros"]
 
 HOST_OP_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 """Tags of the ops that decide on the host at every call (the threshold, the step clock): under CUDA
@@ -106,3 +106,16 @@ def attention(
 def _(q, k, v, bits, counts, threshold, must_do, must_skip, scale, block_m, block_n, backend, quant=None):
     batch, seq_q, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, seq_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("liteattention::state_zeros", mutates_args=(), tags=HOST_OP_TAGS)
+def state_zeros(shape: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A new zeroed state tensor (a layer's mask or counters), made by an op: state made inside a
+    graph captured by CUDA graphs would live in the graph's memory pool and be overwritten by its
+    next replay; tagged like the attention op, this runs outside the captured parts."""
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+@state_zeros.register_fake
+def _(shape, dtype, device):
+    return torch.empty(shape, dtype=dtype, device=device)

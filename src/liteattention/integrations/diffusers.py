@@ -431,7 +431,7 @@ class LiteAttentionProcessor:
         # A first call, or new shapes: a fresh mask (shapes are static to the compiler, so this runs
         # while tracing, once per shape).
         if shard == len(live.bits):
-            live.bits.append(torch.zeros(shape, dtype=torch.int32, device=q.device))
+            live.bits.append(ops.state_zeros(list(shape), torch.int32, q.device))
             live.geometry.append(geometry)
         elif live.geometry[shard] != geometry or live.bits[shard].shape != shape or live.bits[shard].device != q.device:
             old = live.bits[shard]
@@ -445,10 +445,10 @@ class LiteAttentionProcessor:
                     f"{(batch, heads)}, {(seq_q, seq_k)} on {q.device})",
                     stacklevel=2,
                 )
-            live.bits[shard] = torch.zeros(shape, dtype=torch.int32, device=q.device)
+            live.bits[shard] = ops.state_zeros(list(shape), torch.int32, q.device)
             live.geometry[shard] = geometry
         if live.counts is None:
-            live.counts = torch.zeros(ops.COUNTS, dtype=torch.int64, device=q.device)
+            live.counts = ops.state_zeros([ops.COUNTS], torch.int64, q.device)
         elif live.counts.device != q.device:
             live.counts = live.counts.to(q.device)  # the counts of the current step so far, kept
         ranges = [] if must_do is None else [must_do[0], must_do[1]]

@@ -271,7 +271,7 @@ def triton_forward(
     return_lse: bool,
     quantized: QuantizedInputs | None = None,
     config: tuple[int, int] | None = None,
-    quant_variant: tuple[bool, bool] = (False, True),
+    quant_variant: tuple[bool, bool] = (True, True),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the attention kernel.
 
