@@ -33,10 +33,11 @@ from .state import SkipState, TileGeometry
 __all__ = ["COUNTS", "HOST_OP_TAGS", "attention", "counts_sparsity", "mask_words", "state_zeros"]
 
 HOST_OP_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
-"""Tags of the ops that decide on the host at every call (the threshold, the step clock): under CUDA
-graphs (``mode="reduce-overhead"``) inductor splits the graph around them and runs them eagerly
-between the captured parts, since a replayed graph would repeat the recorded call's decisions. Without
-the tag (older torch), inductor declines to capture any graph holding them (mutated inputs)."""
+"""Tags of the ops that must run on the host at every call (attention: threshold and work list; the
+step clock; the state allocation): under CUDA graphs (``mode="reduce-overhead"``) inductor splits the
+graph around them and runs them eagerly between the captured parts, since a replayed graph would
+repeat the recorded call's decisions (or reuse its memory). Without the tag (older torch), inductor
+declines to capture any graph holding them (mutated inputs)."""
 
 COUNTS = 4
 """Entries of the ``counts`` accumulator: tiles computed, tiles marked before the call, tiles newly

@@ -170,8 +170,7 @@ def _claim_stored(claim):
     """A barrier over the producer warp after the claim's store. Every lane holds the claim and
     stores it, but one lane arrives on q_ready, and its release orders only its own store: the
     barrier puts the other lanes' stores before it (Gluon's thread_barrier is a warp sync here,
-    which ptxas drops, and compute-sanitizer's racecheck reported the stores racing the consumers'
-    reads). The claim's two int32 per thread make one barrier per thread (pack=2)."""
+    which ptxas drops). The claim's two int32 per thread make one barrier per thread (pack=2)."""
     gl.inline_asm_elementwise(_CLAIM_STORED_PTX, "=r,=r,r,r", [claim], dtype=gl.int32, is_pure=False, pack=2)
 
 
