@@ -36,7 +36,7 @@ STEPS, BLOCK = 20, 64
 CALIBRATION = (DEMO_PROMPTS[:2], (0,))  # prompts, seeds
 HELD_OUT = [(DEMO_PROMPTS[2], 1), (DEMO_PROMPTS[3], 2)]  # other prompts, other seeds
 # (threshold, dense warm-up steps), most informative first: a cut-short run keeps those.
-FIXED = [(-6.0, 4), (-4.0, 4), (-6.0, 0), (-3.0, 4), (-4.0, 0), (-8.0, 4), (-2.0, 4), (-8.0, 0), (-4.0, 2)]
+FIXED = [(-6.0, 4), (-4.0, 4), (-6.0, 0), (-3.0, 4), (-4.0, 0), (-8.0, 4), (-2.0, 4), (-2.0, 0), (-8.0, 0), (-4.0, 2), (-3.0, 0), (-2.5, 4)]
 # (per-call rel-L2 selection bound, ramp): one trajectory each. With the ramp the marks of step t
 # are selected within bound * (t + 1) / (steps - 1) (calibrate's default); without it, within the
 # bound at every step.
