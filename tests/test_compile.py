@@ -164,6 +164,26 @@ def test_compiled_transformer_has_no_breaks_and_no_recompiles_per_step_or_layer(
     assert handle.stats() == expected_handle.stats()
 
 
+def test_state_made_while_compiled_comes_from_the_tagged_op() -> None:
+    """The first compiled call makes every layer's mask and counters. Made by plain zeros inside
+    the graph, they would be outputs of a CUDA-graphed region, overwritten by its next replay (as
+    on an H100 under mode="reduce-overhead"); the tagged op runs outside the captured parts."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model, inputs = build("wan")
+    handle = apply_lite_attention(model, -5.0, block_m=BLOCK, block_n=BLOCK)
+    with torch.no_grad():
+        torch.compile(model, fullgraph=True, backend=record)(**inputs, timestep=torch.full((1,), 900.0), return_dict=False)
+    made = [node for gm in graphs for node in gm.graph.nodes if str(node.target).startswith("liteattention.state_zeros")]
+    zeros = [node for gm in graphs for node in gm.graph.nodes if node.target in (torch.zeros, torch.ops.aten.zeros.default)]
+    assert len(made) == 2 * len(handle.layers)  # a mask and the counters per layer
+    assert not [node for node in zeros if node.kwargs.get("dtype") in (torch.int32, torch.int64)], zeros
+
+
 def test_explain_finds_one_graph_and_no_breaks() -> None:
     model, inputs = build("wan")
     apply_lite_attention(model, -5.0, block_m=BLOCK, block_n=BLOCK)
