@@ -5,6 +5,7 @@ against the reference."""
 
 import functools
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,18 @@ def test_compiles_for_sm90_without_spills_in_its_loops(
         before = [line for line in lines[:i] if "st.shared" in line or "mbarrier" in line][-1]
         after = next(line for line in lines[i + 1 :] if "st.shared" in line or "mbarrier" in line)
         assert "st.shared" in before and "mbarrier.arrive" in after, (before, after)
+    # A consumer hands buffers back with one barrier over its warpgroup, then one thread's arrive:
+    # ours up to Triton 3.7, the arrive's own from 3.8 on; never both (a second bar.sync per step).
+    syncs_before_arrive, since_last_op = [], 0
+    for line in lines:
+        if re.search(r"\bbar\.sync\s+\d+, 128;", line):
+            since_last_op += 1
+        elif "mbarrier.arrive" in line:
+            syncs_before_arrive.append(since_last_op)
+            since_last_op = 0
+        elif re.search(r"\b(wgmma|ld|st|ex2|bar\.arrive|mbarrier)\.", line):
+            since_last_op = 0
+    assert max(syncs_before_arrive) == 1 and syncs_before_arrive.count(1) >= 2, syncs_before_arrive
     ptxas = sm90_ptxas()
     cubin = tmp_path / "kernel.cubin"
     report = subprocess.run(

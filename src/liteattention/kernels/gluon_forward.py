@@ -51,7 +51,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..state import TileGeometry
 from .common import LOG2E, launch_buffers
-from .triton_compat import thread_barrier, tma_load
+from .triton_compat import arrive_when_all_past, tma_load
 from .worklist import WorkList, and_combine, mark_word
 
 # Rows of the q-tile per consumer warpgroup (one wgmma M extent); the q-tile has two halves.
@@ -354,8 +354,7 @@ def _release(kv_empty, i):
     """Hand the buffers of step i back to the producer, once every warp of this warpgroup is past
     the wgmma that read them."""
     STAGES: gl.constexpr = kv_empty.type.shape[0]
-    thread_barrier()
-    mbarrier.arrive(kv_empty.index(i % STAGES), count=1)
+    arrive_when_all_past(kv_empty.index(i % STAGES))
 
 
 @gluon.jit
@@ -618,8 +617,7 @@ def _consumer_partition(
             base += steps
         # The claim and Q are free for the producer's next hand-over once every warp is past its
         # last wgmma and has read the claim.
-        thread_barrier()
-        mbarrier.arrive(q_empty.index(slot), count=1)
+        arrive_when_all_past(q_empty.index(slot))
 
         out = acc / gl.convert_layout(l_i, o_rows)[:, None]
         # Worked out here rather than kept live through the steps.

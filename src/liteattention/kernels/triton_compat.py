@@ -7,11 +7,27 @@ at import, so the kernels themselves read the same on every release.
 
 from __future__ import annotations
 
+import triton
+from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 # A barrier over the threads of one partition: `thread_barrier` in 3.6, `barrier` from 3.7 on.
 thread_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
+# Whether mbarrier.arrive first syncs the partition that calls it (then one thread arrives): from
+# 3.8 on it does (triton-lang/triton#10168); up to 3.7 one thread arrives at once.
+ARRIVE_SYNCS_PARTITION = gl.constexpr(tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 8))
+
+
+@gluon.jit
+def arrive_when_all_past(bar):
+    """Arrive once on ``bar`` after every thread of the calling partition got here (so that all of
+    their reads of the buffers it guards are done). The barrier is ours only up to 3.7: on 3.8 and
+    later the arrive brings its own, and a second one would cost a bar.sync per step."""
+    if not ARRIVE_SYNCS_PARTITION:
+        thread_barrier()
+    mbarrier.arrive(bar, count=1)
 
 # A TMA copy from global to shared memory: `async_copy_global_to_shared` up to 3.7, `async_load`
 # from 3.8 on (3.9 keeps the old name only to raise).
