@@ -38,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from liteattention.bench import interleaved_ms, make_mask
 from liteattention.kernels import gluon_forward
-from liteattention.kernels import plan_work
+from liteattention.kernels import WorkList, plan_work
 from liteattention.plan import range_words
 from liteattention.state import TileGeometry, pack_bits
 
@@ -64,7 +64,7 @@ class Shape:
         self.do_words, self.skip_words = range_words(self.g, (), (), self.q.device)
         self.stats = torch.zeros(3, dtype=torch.int64, device="cuda")
 
-    def plan(self, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def plan(self, bits: torch.Tensor) -> WorkList:
         return plan_work(bits, self.do_words, self.skip_words, self.g, self.stats)
 
     def call(self, module: ModuleType, bits=None, threshold=-math.inf, work=None, use_list=True) -> torch.Tensor:
@@ -103,7 +103,7 @@ def check(shape: Shape, versions: dict[str, ModuleType], masks: dict[float, torc
 def time_versions(shape: Shape, versions: dict[str, ModuleType], masks: dict[float, torch.Tensor], rounds: int) -> None:
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (shape.q, shape.k, shape.v))
     planned = shape.plan(shape.zero.clone())
-    ascending = (torch.arange(shape.g.k_tiles, dtype=torch.int32, device="cuda").expand_as(planned[0]).contiguous(), planned[1])
+    ascending = WorkList(torch.arange(shape.g.k_tiles, dtype=torch.int32, device="cuda").expand_as(planned.entries).contiguous(), planned.counts)
     bits = shape.zero.clone()
     cases = {"cudnn": lambda: F.scaled_dot_product_attention(qt, kt, vt)}
     for name, m in versions.items():

@@ -301,9 +301,45 @@ def test_launch_options(monkeypatch, head_dim, seq_k, block_n, expected):
     ((grid, options),) = launches
     assert grid == (4,)  # 2 heads x 2 q-tiles, fewer than the SMs: one program each
     assert options == {
-        **expected, "USE_LIST": False, "MARK": False, "ABOVE_MAX": False, "WRITE_LSE": False, **gf.LAUNCH_OPTIONS,
+        **expected, "USE_LIST": gf.dense_as_list(head_dim), "MARK": False, "ABOVE_MAX": False, "WRITE_LSE": False, **gf.LAUNCH_OPTIONS,
     }
     assert gf.LAUNCH_OPTIONS == {"num_warps": 4, "maxnreg": 168, "enable_fp_fusion": True}
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_dense_call_as_a_list_visits_every_tile_once(monkeypatch, as_list):
+    """Where dense_as_list holds (head dim 64 from Triton 3.9), a dense call runs the list build
+    over every k-tile once (in the planner's order), marks nothing, and leaves the caller's
+    statistics alone."""
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **options: calls.append((args, options))
+
+    monkeypatch.setattr(gf, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(gf, "_gluon_attention_fwd", Recorder())
+    monkeypatch.setattr(gf, "dense_as_list", lambda head_dim: as_list)
+    q = torch.zeros(1, 256, 2, 64, dtype=torch.bfloat16)
+    k = torch.zeros(1, 1000, 2, 64, dtype=torch.bfloat16)
+    stats = torch.zeros(3, dtype=torch.int64)
+    gluon_forward(
+        q, k, k, TileGeometry(256, 1000, 128, 64), scale=1.0, threshold=-10.0, bits=None, work=None,
+        stats=stats, return_lse=False,
+    )
+    ((args, options),) = calls
+    assert (options["USE_LIST"], options["MARK"]) == (as_list, False)
+    if as_list:
+        entries, counts = args[6], args[7]  # 16 k-tiles of 64 keys (the last one partial) per row
+        assert counts.tolist() == [[[16, 16]] * 2]
+        assert torch.equal(entries.sort(dim=-1).values, torch.arange(16, dtype=torch.int32).expand(1, 2, 2, 16))
+    assert stats.tolist() == [0, 0, 0]
+    # A mask to mark into is not a dense call: without its work list it is still refused.
+    with pytest.raises(ValueError, match="marking needs a work list"):
+        gluon_forward(
+            q, k, k, TileGeometry(256, 1000, 128, 64), scale=1.0, threshold=-10.0,
+            bits=torch.zeros(1, 2, 2, 1, dtype=torch.int32), work=None, stats=stats, return_lse=False,
+        )
 
 
 @pytest.mark.parametrize("programs, grid", [(None, 132), (3, 3), (1000, 320)])

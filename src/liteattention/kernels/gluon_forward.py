@@ -49,10 +49,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ..plan import range_words
 from ..state import TileGeometry
 from .common import LOG2E, launch_buffers
-from .triton_compat import arrive_when_all_past, tma_load
-from .worklist import WorkList, and_combine, mark_word
+from .triton_compat import RELEASE, arrive_when_all_past, tma_load
+from .worklist import WorkList, and_combine, mark_word, plan_work
 
 # Rows of the q-tile per consumer warpgroup (one wgmma M extent); the q-tile has two halves.
 HALF_M: gl.constexpr = gl.constexpr(64)
@@ -774,6 +775,14 @@ def pingpong(head_dim: int) -> bool:
     return head_dim == 64
 
 
+def dense_as_list(head_dim: int) -> bool:
+    """Whether a dense call runs the work-list build over every k-tile instead of the dense build:
+    at head dim 64 from Triton 3.9 on, whose dense step loop ran 7-10% slower than the list's
+    (1.09-1.13x cuDNN on LTX-Video, H100; under 3.6 the two are within 1%; docs/performance.md,
+    "Tuning under Triton 3.9"). Planning the list costs about 13 us."""
+    return head_dim == 64 and RELEASE >= (3, 9)
+
+
 def unsupported_shape(geometry: TileGeometry, head_dim: int) -> str | None:
     """Why the Gluon kernel does not take this tile shape and (padded) head dim, or None if it
     does: it runs 128-row q-tiles with 64- or 128-key k-tiles at head dims 64 and 128, where it
@@ -874,6 +883,10 @@ def gluon_forward(
     (persistent programs, by default one per SM) for tests, which need several q-tiles per
     program at small sizes."""
     batch, seq_q, heads, head_dim = q.shape
+    if work is None and bits is None and dense_as_list(head_dim):
+        nothing = torch.zeros(batch, heads, geometry.q_tiles, geometry.words, dtype=torch.int32, device=q.device)
+        # Its own statistics: a dense call counts no planned tiles.
+        work = plan_work(nothing, *range_words(geometry, (), (), q.device), geometry, torch.zeros_like(stats))
     mark, out, lse, dummy, entries, counts = launch_buffers(q, threshold, bits, work, return_lse)
     rows = batch * heads * geometry.q_tiles
     groups = triton.cdiv(geometry.k_tiles, GROUP.value)
