@@ -10,8 +10,9 @@ where a first step's time goes.
 
 For each shape, outputs, marks and statistics of every version are first compared with the current
 one's; then every version and case is timed in one interleaved run
-(liteattention.bench.interleaved_ms). Cases, as ratios to the version's own dense mode: dense again
-(the noise floor), the work list (planned in the call) with marking off, the same tiles as a
+(liteattention.bench.interleaved_ms). Cases, as ratios to the version's own dense mode (what a
+dense call runs: from Triton 3.9 at head dim 64, the list build, gluon_forward.dense_as_list):
+dense again (the noise floor), the dense build itself where a version can be asked for it, the work list (planned in the call) with marking off, the same tiles as a
 precomputed ascending list, the precomputed list with marking on, a first step (zero mask, planner,
 marking), and random masks (--sparsities) with marking on; then the planner alone, in ms.
 ``--clock-log`` records nvidia-smi's SM clock and power samples while the timing runs.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import inspect
 import math
 import statistics
 import subprocess
@@ -67,14 +69,16 @@ class Shape:
     def plan(self, bits: torch.Tensor) -> WorkList:
         return plan_work(bits, self.do_words, self.skip_words, self.g, self.stats)
 
-    def call(self, module: ModuleType, bits=None, threshold=-math.inf, work=None, use_list=True) -> torch.Tensor:
+    def call(self, module: ModuleType, bits=None, threshold=-math.inf, work=None, use_list=True, **options) -> torch.Tensor:
         """Dense mode (use_list=False); else the given work list, or one planned from bits (zero when
-        None), marking into bits when they are given and threshold > -inf."""
+        None), marking into bits when they are given and threshold > -inf. ``options`` go to
+        gluon_forward (dense_list=False: the dense build even where dense calls take the list's)."""
         if use_list and work is None:
             work = self.plan(bits if bits is not None else self.zero)
         return module.gluon_forward(
             self.q, self.k, self.v, self.g, scale=self.q.shape[-1] ** -0.5, threshold=threshold,
             bits=bits if use_list else None, work=work if use_list else None, stats=self.stats, return_lse=False,
+            **options,
         )[0]
 
 
@@ -109,6 +113,8 @@ def time_versions(shape: Shape, versions: dict[str, ModuleType], masks: dict[flo
     for name, m in versions.items():
         cases[f"{name}/dense"] = lambda m=m: shape.call(m, use_list=False)
         cases[f"{name}/dense again"] = lambda m=m: shape.call(m, use_list=False)
+        if "dense_list" in inspect.signature(m.gluon_forward).parameters:
+            cases[f"{name}/dense build"] = lambda m=m: shape.call(m, use_list=False, dense_list=False)
         cases[f"{name}/list"] = lambda m=m: shape.call(m)
         cases[f"{name}/ascending list"] = lambda m=m: shape.call(m, work=ascending)
         cases[f"{name}/list + marking"] = lambda m=m: shape.call(m, bits.zero_(), -10.0, work=planned)
@@ -123,7 +129,8 @@ def time_versions(shape: Shape, versions: dict[str, ModuleType], masks: dict[flo
         dense = times[f"{name}/dense"]
         ratios = "  ".join(
             f"{case} {times[f'{name}/{case}'] / dense:.3f}"
-            for case in ("dense again", "list", "ascending list", "list + marking", "first step", *(f"s={sp}" for sp in masks))
+            for case in ("dense again", "dense build", "list", "ascending list", "list + marking", "first step", *(f"s={sp}" for sp in masks))
+            if f"{name}/{case}" in times
         )
         print(f"  {name:>12}: dense {dense:.3f} ms ({dense / times['cudnn']:.3f}x cuDNN)  {ratios}", flush=True)
 

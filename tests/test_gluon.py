@@ -41,11 +41,11 @@ open(sys.argv[8], "w").write(kernel.asm["ptx"])
     "head_dim, block_n, use_list, mark, above_max, even_n, lse",
     [
         (128, 64, 1, 1, 0, 0, 1), (128, 64, 1, 1, 1, 1, 0), (128, 128, 1, 1, 0, 0, 0), (128, 128, 1, 1, 0, 1, 0),
-        (64, 128, 0, 0, 0, 1, 0), (64, 64, 1, 1, 0, 0, 0), (64, 64, 1, 0, 0, 0, 0),
+        (64, 128, 0, 0, 0, 1, 0), (64, 128, 1, 0, 0, 1, 0), (64, 64, 1, 1, 0, 0, 0), (64, 64, 1, 0, 0, 0, 0),
     ],
     ids=[
         "pairs-marking-partial-lse", "pairs-marking-above-max", "single-marking-partial", "single-marking-even",
-        "single-dense-d64", "pairs-marking-d64", "pairs-list-d64",
+        "single-dense-d64", "single-list-d64", "pairs-marking-d64", "pairs-list-d64",
     ],
 )
 def test_compiles_for_sm90_without_spills_in_its_loops(
@@ -308,8 +308,8 @@ def test_launch_options(monkeypatch, head_dim, seq_k, block_n, expected):
 
 @pytest.mark.parametrize("as_list", [False, True])
 def test_dense_call_as_a_list_visits_every_tile_once(monkeypatch, as_list):
-    """Where dense_as_list holds (head dim 64 from Triton 3.9), a dense call runs the list build
-    over every k-tile once (in the planner's order), marks nothing, and leaves the caller's
+    """With dense_list (by default where dense_as_list holds: head dim 64 from Triton 3.9), a dense
+    call runs the list build over every k-tile once, marks nothing, and leaves the caller's
     statistics alone."""
     calls = []
 
@@ -319,13 +319,12 @@ def test_dense_call_as_a_list_visits_every_tile_once(monkeypatch, as_list):
 
     monkeypatch.setattr(gf, "_sm_count", lambda device: 132)
     monkeypatch.setattr(gf, "_gluon_attention_fwd", Recorder())
-    monkeypatch.setattr(gf, "dense_as_list", lambda head_dim: as_list)
     q = torch.zeros(1, 256, 2, 64, dtype=torch.bfloat16)
     k = torch.zeros(1, 1000, 2, 64, dtype=torch.bfloat16)
     stats = torch.zeros(3, dtype=torch.int64)
     gluon_forward(
         q, k, k, TileGeometry(256, 1000, 128, 64), scale=1.0, threshold=-10.0, bits=None, work=None,
-        stats=stats, return_lse=False,
+        stats=stats, return_lse=False, dense_list=as_list,
     )
     ((args, options),) = calls
     assert (options["USE_LIST"], options["MARK"]) == (as_list, False)
@@ -339,7 +338,13 @@ def test_dense_call_as_a_list_visits_every_tile_once(monkeypatch, as_list):
         gluon_forward(
             q, k, k, TileGeometry(256, 1000, 128, 64), scale=1.0, threshold=-10.0,
             bits=torch.zeros(1, 2, 2, 1, dtype=torch.int32), work=None, stats=stats, return_lse=False,
+            dense_list=as_list,
         )
+
+
+def test_dense_calls_take_the_list_build_at_head_dim_64_from_triton_3_9():
+    newer = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9)
+    assert (gf.dense_as_list(64), gf.dense_as_list(128)) == (newer, False)
 
 
 @pytest.mark.parametrize("programs, grid", [(None, 132), (3, 3), (1000, 320)])

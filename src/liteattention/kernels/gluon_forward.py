@@ -876,14 +876,18 @@ def gluon_forward(
     stages: int | None = None,
     pairs: bool | None = None,
     programs: int | None = None,
+    dense_list: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the Gluon kernel (then, when marking, the pass that applies the verdicts);
     arguments as for :func:`triton_forward.triton_forward`. ``stages`` (K/V ring depth) and
-    ``pairs`` (two 64-key tiles per step) override the defaults, for measurements; ``programs``
-    (persistent programs, by default one per SM) for tests, which need several q-tiles per
-    program at small sizes."""
+    ``pairs`` (two 64-key tiles per step) override the defaults, for measurements, as does
+    ``dense_list`` (whether a dense call runs the list build, by default :func:`dense_as_list`);
+    ``programs`` (persistent programs, by default one per SM) for tests, which need several
+    q-tiles per program at small sizes."""
     batch, seq_q, heads, head_dim = q.shape
-    if work is None and bits is None and dense_as_list(head_dim):
+    if dense_list is None:
+        dense_list = dense_as_list(head_dim)
+    if work is None and bits is None and dense_list:
         nothing = torch.zeros(batch, heads, geometry.q_tiles, geometry.words, dtype=torch.int32, device=q.device)
         # Its own statistics: a dense call counts no planned tiles.
         work = plan_work(nothing, *range_words(geometry, (), (), q.device), geometry, torch.zeros_like(stats))
