@@ -12,9 +12,10 @@ For each shape, outputs, marks and statistics of every version are first compare
 one's; then every version and case is timed in one interleaved run
 (liteattention.bench.interleaved_ms). Cases, as ratios to the version's own dense mode (what a
 dense call runs: from Triton 3.9 at head dim 64, the list build, gluon_forward.dense_as_list):
-dense again (the noise floor), the dense build itself where a version can be asked for it, the work list (planned in the call) with marking off, the same tiles as a
-precomputed ascending list, the precomputed list with marking on, a first step (zero mask, planner,
-marking), and random masks (--sparsities) with marking on; then the planner alone, in ms.
+dense again (the noise floor), the dense build itself where a version can be asked for it, the
+work list (planned in the call) with marking off, the same tiles as a precomputed ascending list,
+the precomputed list with marking on, a first step (zero mask, planner, marking), and random masks
+(--sparsities) with marking on; then the planner alone, in ms.
 ``--clock-log`` records nvidia-smi's SM clock and power samples while the timing runs.
 
 ``--ncu-mode dense|list|mark`` instead launches the current kernel twice in that mode and exits, for

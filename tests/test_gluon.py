@@ -311,14 +311,8 @@ def test_dense_call_as_a_list_visits_every_tile_once(monkeypatch, as_list):
     """With dense_list (by default where dense_as_list holds: head dim 64 from Triton 3.9), a dense
     call runs the list build over every k-tile once, marks nothing, and leaves the caller's
     statistics alone."""
-    calls = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **options: calls.append((args, options))
-
-    monkeypatch.setattr(gf, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(gf, "_gluon_attention_fwd", Recorder())
+    arguments = []
+    launches = record_launches(monkeypatch, arguments)
     q = torch.zeros(1, 256, 2, 64, dtype=torch.bfloat16)
     k = torch.zeros(1, 1000, 2, 64, dtype=torch.bfloat16)
     stats = torch.zeros(3, dtype=torch.int64)
@@ -326,7 +320,7 @@ def test_dense_call_as_a_list_visits_every_tile_once(monkeypatch, as_list):
         q, k, k, TileGeometry(256, 1000, 128, 64), scale=1.0, threshold=-10.0, bits=None, work=None,
         stats=stats, return_lse=False, dense_list=as_list,
     )
-    ((args, options),) = calls
+    ((_, options),), (args,) = launches, arguments
     assert (options["USE_LIST"], options["MARK"]) == (as_list, False)
     if as_list:
         entries, counts = args[6], args[7]  # 16 k-tiles of 64 keys (the last one partial) per row
@@ -343,8 +337,7 @@ def test_dense_call_as_a_list_visits_every_tile_once(monkeypatch, as_list):
 
 
 def test_dense_calls_take_the_list_build_at_head_dim_64_from_triton_3_9():
-    newer = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9)
-    assert (gf.dense_as_list(64), gf.dense_as_list(128)) == (newer, False)
+    assert (gf.dense_as_list(64), gf.dense_as_list(128)) == (kernels.TRITON_VERSION >= (3, 9), False)
 
 
 @pytest.mark.parametrize("programs, grid", [(None, 132), (3, 3), (1000, 320)])
@@ -367,20 +360,26 @@ def test_persistent_grid_of_no_programs_is_refused():
         )
 
 
-def record_launches(monkeypatch) -> list[tuple[tuple[int], dict]]:
+def record_launches(monkeypatch, arguments: list | None = None) -> list[tuple[tuple[int], dict]]:
     """The grid and options of each launch of the attention kernel, which a stand-in records (and
-    the pass that applies verdicts is skipped), on a device of 132 SMs."""
+    the pass that applies verdicts is skipped), on a device of 132 SMs; each launch's positional
+    arguments go into ``arguments`` when it is given."""
     launches, skipped = [], []
 
     class Recorder:
-        def __init__(self, into: list):
-            self.into = into
+        def __init__(self, into: list, args_into: list | None = None):
+            self.into, self.args_into = into, args_into
 
         def __getitem__(self, grid):
-            return lambda *args, **options: self.into.append((grid, options))
+            def launch(*args, **options):
+                self.into.append((grid, options))
+                if self.args_into is not None:
+                    self.args_into.append(args)
+
+            return launch
 
     monkeypatch.setattr(gf, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(gf, "_gluon_attention_fwd", Recorder(launches))
+    monkeypatch.setattr(gf, "_gluon_attention_fwd", Recorder(launches, arguments))
     monkeypatch.setattr(gf, "_apply_verdicts", Recorder(skipped))
     return launches
 

@@ -22,9 +22,9 @@ import triton
 from ..plan import Range, range_words
 from ..quantize import Quant, quantize_inputs
 from ..state import TileGeometry
-from .common import STATS
+from .common import STATS, TRITON_VERSION
 from .triton_forward import triton_forward
-from .worklist import WorkList, plan_work
+from .worklist import WorkList, plan_unmasked, plan_work
 
 __all__ = ["STATS", "KernelChoice", "WorkList", "choose_kernel", "forward", "kernel_head_dim", "plan_work"]
 
@@ -33,7 +33,6 @@ KernelName = Literal["gluon", "portable"]
 # Oldest and newest Triton releases the Gluon kernel is compiled and tested with; a newer one is
 # tried, and a failed compile falls back to the portable kernel with a warning.
 GLUON_TRITON = ((3, 6), (3, 9))
-TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 FP8_CAPABILITY = (8, 9)  # the quantized path's FP8 products need Ada or newer
 
 
@@ -159,10 +158,11 @@ def forward(
     stats = torch.zeros(STATS, dtype=torch.int64, device=q.device)
     work = None
     if bits is not None or must_skip:
-        skip_from = bits
-        if skip_from is None:  # must_skip alone: an empty mask to plan from, none to mark into
-            skip_from = torch.zeros(batch, heads, geometry.q_tiles, geometry.words, dtype=torch.int32, device=q.device)
-        work = plan_work(skip_from, *range_words(geometry, must_do, must_skip, q.device), geometry, stats)
+        words = range_words(geometry, must_do, must_skip, q.device)
+        if bits is not None:
+            work = plan_work(bits, *words, geometry, stats)
+        else:  # must_skip alone: planned from an empty mask, none to mark into
+            work = plan_unmasked(batch, heads, *words, geometry, stats)
     choice = choose_kernel(q.device, geometry, padded, quant=quant)
     if kernel == "gluon" and choice.kernel != "gluon":
         raise ValueError(f"kernel='gluon' cannot run this call: {choice.reason}")

@@ -6,12 +6,15 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
 import triton.language as tl
 
 from .worklist import WorkList
 
 # Scores are scaled by scale * LOG2E so the online softmax uses exp2; the LSE is divided back.
 LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
+# The Triton release as (major, minor): what runs where, and what differs by more than a name.
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 # Statistics written by the kernels, one int64 each: tiles computed, tiles marked before the call,
 # tiles newly marked by the call.
 STATS = 3

@@ -51,9 +51,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..plan import range_words
 from ..state import TileGeometry
-from .common import LOG2E, launch_buffers
-from .triton_compat import RELEASE, arrive_when_all_past, tma_load
-from .worklist import WorkList, and_combine, mark_word, plan_work
+from .common import LOG2E, TRITON_VERSION, launch_buffers
+from .triton_compat import arrive_when_all_past, tma_load
+from .worklist import WorkList, and_combine, mark_word, plan_unmasked
 
 # Rows of the q-tile per consumer warpgroup (one wgmma M extent); the q-tile has two halves.
 HALF_M: gl.constexpr = gl.constexpr(64)
@@ -780,7 +780,7 @@ def dense_as_list(head_dim: int) -> bool:
     at head dim 64 from Triton 3.9 on, whose dense step loop ran 7-10% slower than the list's
     (1.09-1.13x cuDNN on LTX-Video, H100; under 3.6 the two are within 1%; docs/performance.md,
     "Tuning under Triton 3.9"). Planning the list costs about 13 us."""
-    return head_dim == 64 and RELEASE >= (3, 9)
+    return head_dim == 64 and TRITON_VERSION >= (3, 9)
 
 
 def unsupported_shape(geometry: TileGeometry, head_dim: int) -> str | None:
@@ -888,9 +888,8 @@ def gluon_forward(
     if dense_list is None:
         dense_list = dense_as_list(head_dim)
     if work is None and bits is None and dense_list:
-        nothing = torch.zeros(batch, heads, geometry.q_tiles, geometry.words, dtype=torch.int32, device=q.device)
         # Its own statistics: a dense call counts no planned tiles.
-        work = plan_work(nothing, *range_words(geometry, (), (), q.device), geometry, torch.zeros_like(stats))
+        work = plan_unmasked(batch, heads, *range_words(geometry, (), (), q.device), geometry, torch.zeros_like(stats))
     mark, out, lse, dummy, entries, counts = launch_buffers(q, threshold, bits, work, return_lse)
     rows = batch * heads * geometry.q_tiles
     groups = triton.cdiv(geometry.k_tiles, GROUP.value)

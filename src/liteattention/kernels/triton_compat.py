@@ -7,20 +7,18 @@ at import, so the kernels themselves read the same on every release.
 
 from __future__ import annotations
 
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
+from .common import TRITON_VERSION
+
 # A barrier over the threads of one partition: `thread_barrier` in 3.6, `barrier` from 3.7 on.
 thread_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
-# The Triton release as (major, minor), for what differs by more than a name.
-RELEASE = tuple(int(part) for part in triton.__version__.split(".")[:2])
-
 # Whether mbarrier.arrive first syncs the partition that calls it (then one thread arrives): from
 # 3.8 on it does (triton-lang/triton#10168); up to 3.7 one thread arrives at once.
-ARRIVE_SYNCS_PARTITION = gl.constexpr(RELEASE >= (3, 8))
+ARRIVE_SYNCS_PARTITION = gl.constexpr(TRITON_VERSION >= (3, 8))
 
 
 @gluon.jit

@@ -87,6 +87,14 @@ def plan_work(
     return WorkList(entries, counts)
 
 
+def plan_unmasked(
+    batch: int, heads: int, do_words: torch.Tensor, skip_words: torch.Tensor, geometry: TileGeometry, stats: torch.Tensor
+) -> WorkList:
+    """The work list of a call with no mask of its own: every tile but the must-skip ranges."""
+    nothing = torch.zeros(batch, heads, geometry.q_tiles, geometry.words, dtype=torch.int32, device=do_words.device)
+    return plan_work(nothing, do_words, skip_words, geometry, stats)
+
+
 @triton.jit
 def and_combine(a, b):
     return a & b
