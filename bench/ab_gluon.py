@@ -20,6 +20,8 @@ the precomputed list with marking on, a first step (zero mask, planner, marking)
 
 ``--ncu-mode dense|list|mark`` instead launches the current kernel twice in that mode and exits, for
 ``ncu --launch-skip 1 --launch-count 1`` to profile the second launch.
+``--kernel-times`` instead prints, for the current kernel, the device time of each kernel a call
+launches (torch.profiler): the attention kernel, the pass that applies the verdicts, the planner.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from liteattention.bench import interleaved_ms, make_mask
@@ -136,6 +139,33 @@ def time_versions(shape: Shape, versions: dict[str, ModuleType], masks: dict[flo
         print(f"  {name:>12}: dense {dense:.3f} ms ({dense / times['cudnn']:.3f}x cuDNN)  {ratios}", flush=True)
 
 
+def kernel_times(shape: Shape, spec: str, calls: int = 10) -> None:
+    """Mean device time per call of each kernel that a list call, a list call with marking and a
+    first step launch (torch.profiler), to tell the attention kernel's time from its passes'."""
+    from torch.profiler import ProfilerActivity, profile
+
+    planned = shape.plan(shape.zero.clone())
+    bits = shape.zero.clone()
+    cases = {
+        "list": lambda: shape.call(gluon_forward, work=planned),
+        "list + marking": lambda: shape.call(gluon_forward, bits.zero_(), -10.0, work=planned),
+        "first step": lambda: shape.call(gluon_forward, bits.zero_(), -10.0),
+    }
+    print(f"shape {spec}, Triton {triton.__version__}: device ms per call", flush=True)
+    for name, case in cases.items():
+        case()  # compiles
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                case()
+            torch.cuda.synchronize()
+        kernels = sorted(
+            ((e.key, e.device_time_total / 1000 / calls) for e in prof.key_averages() if e.device_time_total > 0),
+            key=lambda kernel: -kernel[1],
+        )
+        print(f"  {name:>14}: " + ", ".join(f"{key[:32]} {ms:.3f}" for key, ms in kernels[:3]), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("baselines", nargs="*", type=Path, help="copies of gluon_forward.py to compare against")
@@ -144,7 +174,12 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.5,0.9", help="random masks timed with marking on (0.5 is also cross-checked)")
     parser.add_argument("--ncu-mode", choices=("dense", "list", "mark"), default=None)
     parser.add_argument("--clock-log", type=Path, default=None, help="file for nvidia-smi's clock and power samples")
+    parser.add_argument("--kernel-times", action="store_true", help="each launched kernel's device time, then exit")
     args = parser.parse_args()
+    if args.kernel_times:
+        for spec in args.shapes.split(";"):
+            kernel_times(Shape(*map(int, spec.split(","))), spec)
+        return
     if args.ncu_mode:
         shape = Shape(*map(int, args.shapes.split(";")[0].split(",")))
         work = shape.plan(shape.zero)

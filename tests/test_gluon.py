@@ -292,11 +292,11 @@ def test_launch_options(monkeypatch, head_dim, seq_k, block_n, expected):
     stand-in kernel. compile_for_sm90 (the compile tests above) derives its own from the same
     helper, so those tests compile what runs."""
     launches = record_launches(monkeypatch)
-    q = torch.zeros(1, 256, 2, head_dim, dtype=torch.bfloat16)
-    k = torch.zeros(1, seq_k, 2, head_dim, dtype=torch.bfloat16)
+    q = torch.zeros(1, 256, 2, head_dim, dtype=torch.bfloat16, device=DEVICE)
+    k = torch.zeros(1, seq_k, 2, head_dim, dtype=torch.bfloat16, device=DEVICE)
     gluon_forward(
         q, k, k, TileGeometry(256, seq_k, 128, block_n), scale=1.0, threshold=-10.0, bits=None, work=None,
-        stats=torch.zeros(3, dtype=torch.int64), return_lse=False,
+        stats=torch.zeros(3, dtype=torch.int64, device=DEVICE), return_lse=False,
     )
     ((grid, options),) = launches
     assert grid == (4,)  # 2 heads x 2 q-tiles, fewer than the SMs: one program each
@@ -313,9 +313,9 @@ def test_dense_call_as_a_list_visits_every_tile_once(monkeypatch, as_list):
     statistics alone."""
     arguments = []
     launches = record_launches(monkeypatch, arguments)
-    q = torch.zeros(1, 256, 2, 64, dtype=torch.bfloat16)
-    k = torch.zeros(1, 1000, 2, 64, dtype=torch.bfloat16)
-    stats = torch.zeros(3, dtype=torch.int64)
+    q = torch.zeros(1, 256, 2, 64, dtype=torch.bfloat16, device=DEVICE)
+    k = torch.zeros(1, 1000, 2, 64, dtype=torch.bfloat16, device=DEVICE)
+    stats = torch.zeros(3, dtype=torch.int64, device=DEVICE)
     gluon_forward(
         q, k, k, TileGeometry(256, 1000, 128, 64), scale=1.0, threshold=-10.0, bits=None, work=None,
         stats=stats, return_lse=False, dense_list=as_list,
@@ -325,13 +325,13 @@ def test_dense_call_as_a_list_visits_every_tile_once(monkeypatch, as_list):
     if as_list:
         entries, counts = args[6], args[7]  # 16 k-tiles of 64 keys (the last one partial) per row
         assert counts.tolist() == [[[16, 16]] * 2]
-        assert torch.equal(entries.sort(dim=-1).values, torch.arange(16, dtype=torch.int32).expand(1, 2, 2, 16))
+        assert torch.equal(entries.sort(dim=-1).values.cpu(), torch.arange(16, dtype=torch.int32).expand(1, 2, 2, 16))
     assert stats.tolist() == [0, 0, 0]
     # A mask to mark into is not a dense call: without its work list it is still refused.
     with pytest.raises(ValueError, match="marking needs a work list"):
         gluon_forward(
             q, k, k, TileGeometry(256, 1000, 128, 64), scale=1.0, threshold=-10.0,
-            bits=torch.zeros(1, 2, 2, 1, dtype=torch.int32), work=None, stats=stats, return_lse=False,
+            bits=torch.zeros(1, 2, 2, 1, dtype=torch.int32, device=DEVICE), work=None, stats=stats, return_lse=False,
             dense_list=as_list,
         )
 
@@ -343,20 +343,20 @@ def test_dense_calls_take_the_list_build_at_head_dim_64_from_triton_3_9():
 @pytest.mark.parametrize("programs, grid", [(None, 132), (3, 3), (1000, 320)])
 def test_persistent_grid_has_a_program_per_sm_at_most_one_per_q_tile(monkeypatch, programs, grid):
     launches = record_launches(monkeypatch)
-    q = torch.zeros(1, 1024, 40, 64, dtype=torch.bfloat16)  # 40 heads x 8 q-tiles = 320 q-tiles
+    q = torch.zeros(1, 1024, 40, 64, dtype=torch.bfloat16, device=DEVICE)  # 40 heads x 8 q-tiles = 320 q-tiles
     gluon_forward(
         q, q, q, TileGeometry(1024, 1024, 128, 64), scale=1.0, threshold=-10.0, bits=None, work=None,
-        stats=torch.zeros(3, dtype=torch.int64), return_lse=False, programs=programs,
+        stats=torch.zeros(3, dtype=torch.int64, device=DEVICE), return_lse=False, programs=programs,
     )
     assert [launch[0] for launch in launches] == [(grid,)]
 
 
 def test_persistent_grid_of_no_programs_is_refused():
-    q = torch.zeros(1, 256, 1, 64, dtype=torch.bfloat16)
+    q = torch.zeros(1, 256, 1, 64, dtype=torch.bfloat16, device=DEVICE)
     with pytest.raises(ValueError, match="programs: expected at least 1; got 0"):
         gluon_forward(
             q, q, q, TileGeometry(256, 256, 128, 64), scale=1.0, threshold=-10.0, bits=None, work=None,
-            stats=torch.zeros(3, dtype=torch.int64), return_lse=False, programs=0,
+            stats=torch.zeros(3, dtype=torch.int64, device=DEVICE), return_lse=False, programs=0,
         )
 
 
@@ -390,13 +390,13 @@ def test_positive_threshold_selects_marking_above_the_running_max(monkeypatch, t
     then does a step of two tiles reduce the first tile's max on its own (the kernel's ABOVE_MAX)."""
     launches = record_launches(monkeypatch)
     geometry = TileGeometry(256, 256, 128, 64)
-    q = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16)
+    q = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16, device=DEVICE)
     rows = 2 * geometry.q_tiles
-    bits = torch.zeros(1, 2, geometry.q_tiles, geometry.words, dtype=torch.int32)
-    work = WorkList(torch.zeros(rows, geometry.k_tiles, dtype=torch.int32), torch.zeros(rows, dtype=torch.int32))
+    bits = torch.zeros(1, 2, geometry.q_tiles, geometry.words, dtype=torch.int32, device=DEVICE)
+    work = WorkList(torch.zeros(rows, geometry.k_tiles, dtype=torch.int32, device=DEVICE), torch.zeros(rows, dtype=torch.int32, device=DEVICE))
     gluon_forward(
         q, q, q, geometry, scale=1.0, threshold=threshold, bits=bits, work=work,
-        stats=torch.zeros(3, dtype=torch.int64), return_lse=False,
+        stats=torch.zeros(3, dtype=torch.int64, device=DEVICE), return_lse=False,
     )
     ((_, options),) = launches
     assert options["MARK"] == (threshold != -math.inf) and options["ABOVE_MAX"] == above_max

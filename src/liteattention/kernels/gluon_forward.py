@@ -727,12 +727,12 @@ def _tree_row_max(use_list, mark, pingpong):
 
 @gluon.constexpr_function
 def _nested_steps(use_list, mark, pingpong):
-    """Whether the steps of each group of GROUP tiles run in an inner loop (the group's verdict
-    word stored after it) rather than in one loop. With marking, one loop tests for a group's end
-    and holds the store in every step; nested, ptxas schedules the marking loop as tightly as the
-    list loop, and a first step was 1.6-12% faster. Without marking it only moves ptxas's schedule:
-    the list with ping-pong (head dim 64) ran 11% faster nested, but dense mode was 3-7% slower
-    and the list at head dim 128 2.5% slower (docs/performance.md, v17)."""
+    """Whether the steps of each group of GROUP tiles run in an inner loop rather than in one loop.
+    Marking needs it: each group's verdict word is stored after its inner loop (one loop that
+    tested for a group's end in every step was 1.6-12% slower in a first step). Without marking
+    it only moves ptxas's schedule: the list with ping-pong (head dim 64) ran 11% faster nested,
+    but dense mode was 3-7% slower and the list at head dim 128 2.5% slower (docs/performance.md,
+    v17)."""
     return mark or (use_list and pingpong)
 
 
@@ -885,16 +885,6 @@ def gluon_forward(
     ``programs`` (persistent programs, by default one per SM) for tests, which need several
     q-tiles per program at small sizes."""
     batch, seq_q, heads, head_dim = q.shape
-    if dense_list is None:
-        dense_list = dense_as_list(head_dim)
-    if work is None and bits is None and dense_list:
-        # Its own statistics: a dense call counts no planned tiles.
-        work = plan_unmasked(batch, heads, *range_words(geometry, (), (), q.device), geometry, torch.zeros_like(stats))
-    mark, out, lse, dummy, entries, counts = launch_buffers(q, threshold, bits, work, return_lse)
-    rows = batch * heads * geometry.q_tiles
-    groups = triton.cdiv(geometry.k_tiles, GROUP.value)
-    # Per-call scratch: each consumer warp's verdict words, one int32 per GROUP visited tiles.
-    verdicts = torch.empty(rows, groups, VERDICT_WARPS.value, dtype=torch.int32, device=q.device) if mark else dummy
     bn = geometry.block_n
     if pairs and bn != 64:
         raise ValueError(f"pairs: two tiles per step need 64-key tiles; got block_n={bn}")
@@ -912,6 +902,16 @@ def gluon_forward(
         programs = _sm_count(q.device)
     elif programs < 1:
         raise ValueError(f"programs: expected at least 1; got {programs}")
+    if dense_list is None:
+        dense_list = dense_as_list(head_dim)
+    if work is None and bits is None and dense_list:
+        # Its own statistics: a dense call counts no planned tiles.
+        work = plan_unmasked(batch, heads, *range_words(geometry, (), (), q.device), geometry, torch.zeros_like(stats))
+    mark, out, lse, dummy, entries, counts = launch_buffers(q, threshold, bits, work, return_lse)
+    rows = batch * heads * geometry.q_tiles
+    groups = triton.cdiv(geometry.k_tiles, GROUP.value)
+    # Per-call scratch: each consumer warp's verdict words, one int32 per GROUP visited tiles.
+    verdicts = torch.empty(rows, groups, VERDICT_WARPS.value, dtype=torch.int32, device=q.device) if mark else dummy
     _gluon_attention_fwd[(min(programs, rows),)](
         _descriptor(q, HALF_M.value), _descriptor(k, bn), _descriptor(v, bn),
         out, lse if lse is not None else dummy, verdicts, entries, counts,
