@@ -9,7 +9,8 @@ With no baseline it times the current kernel alone, which is how bench/run_h200.
 where a first step's time goes.
 
 For each shape, outputs, marks and statistics of every version are first compared with the current
-one's; then every version and case is timed in one interleaved run
+one's (each with its verdict scratch poisoned first, so that a verdict word a version leaves
+unwritten shows in its marks); then every version and case is timed in one interleaved run
 (liteattention.bench.interleaved_ms). Cases, as ratios to the version's own dense mode (what a
 dense call runs: from Triton 3.9 at head dim 64, the list build, gluon_forward.dense_as_list):
 dense again (the noise floor), the dense build itself where a version can be asked for it, the
@@ -86,16 +87,23 @@ class Shape:
         )[0]
 
 
+def poison_verdict_scratch(shape: Shape) -> None:
+    """Free a block of the verdict scratch's size holding all-negligible words, which the caching
+    allocator hands to the next call's scratch (torch.empty): a version that leaves a group's word
+    unwritten then marks that group's tiles, instead of reusing the words of the version before."""
+    rows = shape.q.shape[0] * shape.q.shape[2] * shape.g.q_tiles
+    groups = math.ceil(shape.g.k_tiles / gluon_forward.GROUP.value)
+    torch.full((rows, groups, gluon_forward.VERDICT_WARPS.value), -1, dtype=torch.int32, device="cuda")
+
+
 def check(shape: Shape, versions: dict[str, ModuleType], masks: dict[float, torch.Tensor]) -> None:
     reference = None
     for name, module in versions.items():
         bits = shape.zero.clone()
         shape.stats.zero_()
-        outs = {
-            "dense": shape.call(module, use_list=False).float(),
-            "list": shape.call(module).float(),
-            "mark": shape.call(module, bits, -1.0).float(),
-        }
+        outs = {"dense": shape.call(module, use_list=False).float(), "list": shape.call(module).float()}
+        poison_verdict_scratch(shape)
+        outs["mark"] = shape.call(module, bits, -1.0).float()
         marks = (bits.clone(), shape.stats.clone())
         outs["s0.5"] = shape.call(module, masks[0.5].clone()).float()
         if reference is None:
