@@ -363,7 +363,8 @@ def test_persistent_grid_of_no_programs_is_refused():
 def record_launches(monkeypatch, arguments: list | None = None) -> list[tuple[tuple[int], dict]]:
     """The grid and options of each launch of the attention kernel, which a stand-in records (and
     the pass that applies verdicts is skipped), on a device of 132 SMs; each launch's positional
-    arguments go into ``arguments`` when it is given."""
+    arguments go into ``arguments`` when it is given. The planner still runs (a dense call at head
+    dim 64 plans its list from Triton 3.9), so callers put their tensors on DEVICE."""
     launches, skipped = [], []
 
     class Recorder:
@@ -393,7 +394,10 @@ def test_positive_threshold_selects_marking_above_the_running_max(monkeypatch, t
     q = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16, device=DEVICE)
     rows = 2 * geometry.q_tiles
     bits = torch.zeros(1, 2, geometry.q_tiles, geometry.words, dtype=torch.int32, device=DEVICE)
-    work = WorkList(torch.zeros(rows, geometry.k_tiles, dtype=torch.int32, device=DEVICE), torch.zeros(rows, dtype=torch.int32, device=DEVICE))
+    work = WorkList(
+        torch.zeros(rows, geometry.k_tiles, dtype=torch.int32, device=DEVICE),
+        torch.zeros(rows, dtype=torch.int32, device=DEVICE),
+    )
     gluon_forward(
         q, q, q, geometry, scale=1.0, threshold=threshold, bits=bits, work=work,
         stats=torch.zeros(3, dtype=torch.int64, device=DEVICE), return_lse=False,
