@@ -46,7 +46,7 @@ marked, tiles in all (B * H * Qt * Kt), each summed over the calls since it was 
 
 def mask_words(geometry: TileGeometry, batch: int, heads: int) -> tuple[int, int, int, int]:
     """Shape of the packed mask (the op's ``bits``) for ``geometry``: (B, H, Qt, ceil(Kt / 32))."""
-    return (batch, heads, geometry.q_tiles, geometry.words)
+    return geometry.mask_shape(batch, heads)
 
 
 def counts_sparsity(counts: torch.Tensor) -> float:

@@ -87,6 +87,10 @@ class TileGeometry:
         """int32 words per (batch, head, q-tile) row of the packed mask."""
         return math.ceil(self.k_tiles / WORD_BITS)
 
+    def mask_shape(self, batch: int, heads: int) -> tuple[int, int, int, int]:
+        """Shape of the packed mask: int32 (B, H, Qt, ceil(Kt / 32))."""
+        return (batch, heads, self.q_tiles, self.words)
+
     def diagonal_tiles(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The k-tile each q-tile visits first: the one holding key position
         floor(first_row * Sk / Sq), i.e. the attention-matrix diagonal scaled to Sq != Sk."""
@@ -153,7 +157,7 @@ class SkipState:
         self.dtype = dtype
         self.geometry = TileGeometry(seq_q, seq_k, block_m, block_n)
         g = self.geometry
-        self.bits = torch.zeros(batch, heads, g.q_tiles, g.words, dtype=torch.int32, device=check_device(device))
+        self.bits = torch.zeros(g.mask_shape(batch, heads), dtype=torch.int32, device=check_device(device))
         # The device as tensors on it report it ('cuda' -> 'cuda:<current>'), so that the state
         # compares equal to the inputs it was built for.
         self.device = self.bits.device
@@ -190,8 +194,7 @@ class SkipState:
         registered torch op, the diffusers integration); ``bits`` must fit the geometry."""
         batch, heads = bits.shape[:2]
         state = cls(batch, heads, seq_q, seq_k, head_dim, dtype=dtype, device="meta", block_m=block_m, block_n=block_n)
-        g = state.geometry
-        expected = (batch, heads, g.q_tiles, g.words)
+        expected = state.geometry.mask_shape(batch, heads)
         if bits.dtype != torch.int32 or tuple(bits.shape) != expected:
             raise ValueError(f"bits must be an int32 tensor of shape {expected}, got {bits.dtype} {tuple(bits.shape)}")
         state.bits, state.device = bits, bits.device

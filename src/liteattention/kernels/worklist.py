@@ -91,7 +91,7 @@ def plan_unmasked(
     batch: int, heads: int, do_words: torch.Tensor, skip_words: torch.Tensor, geometry: TileGeometry, stats: torch.Tensor
 ) -> WorkList:
     """The work list of a call with no mask of its own: every tile but the must-skip ranges."""
-    nothing = torch.zeros(batch, heads, geometry.q_tiles, geometry.words, dtype=torch.int32, device=do_words.device)
+    nothing = torch.zeros(geometry.mask_shape(batch, heads), dtype=torch.int32, device=do_words.device)
     return plan_work(nothing, do_words, skip_words, geometry, stats)
 
 
