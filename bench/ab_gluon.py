@@ -91,9 +91,8 @@ def poison_verdict_scratch(shape: Shape) -> None:
     """Free a block of the verdict scratch's size holding all-negligible words, which the caching
     allocator hands to the next call's scratch (torch.empty): a version that leaves a group's word
     unwritten then marks that group's tiles, instead of reusing the words of the version before."""
-    rows = shape.q.shape[0] * shape.q.shape[2] * shape.g.q_tiles
-    groups = math.ceil(shape.g.k_tiles / gluon_forward.GROUP.value)
-    torch.full((rows, groups, gluon_forward.VERDICT_WARPS.value), -1, dtype=torch.int32, device="cuda")
+    batch, _, heads, _ = shape.q.shape
+    torch.full(gluon_forward.verdicts_shape(batch, heads, shape.g), -1, dtype=torch.int32, device="cuda")
 
 
 def check(shape: Shape, versions: dict[str, ModuleType], masks: dict[float, torch.Tensor]) -> None:

@@ -783,6 +783,12 @@ def dense_as_list(head_dim: int) -> bool:
     return head_dim == 64 and TRITON_VERSION >= (3, 9)
 
 
+def verdicts_shape(batch: int, heads: int, geometry: TileGeometry) -> tuple[int, int, int]:
+    """Shape of a marking call's scratch: each consumer warp's verdict words per (batch, head,
+    q-tile) row, one int32 per GROUP visited tiles."""
+    return (batch * heads * geometry.q_tiles, triton.cdiv(geometry.k_tiles, GROUP.value), VERDICT_WARPS.value)
+
+
 def unsupported_shape(geometry: TileGeometry, head_dim: int) -> str | None:
     """Why the Gluon kernel does not take this tile shape and (padded) head dim, or None if it
     does: it runs 128-row q-tiles with 64- or 128-key k-tiles at head dims 64 and 128, where it
@@ -908,10 +914,9 @@ def gluon_forward(
         # Its own statistics: a dense call counts no planned tiles.
         work = plan_unmasked(batch, heads, *range_words(geometry, (), (), q.device), geometry, torch.zeros_like(stats))
     mark, out, lse, dummy, entries, counts = launch_buffers(q, threshold, bits, work, return_lse)
-    rows = batch * heads * geometry.q_tiles
-    groups = triton.cdiv(geometry.k_tiles, GROUP.value)
-    # Per-call scratch: each consumer warp's verdict words, one int32 per GROUP visited tiles.
-    verdicts = torch.empty(rows, groups, VERDICT_WARPS.value, dtype=torch.int32, device=q.device) if mark else dummy
+    scratch = verdicts_shape(batch, heads, geometry)
+    rows, groups = scratch[:2]
+    verdicts = torch.empty(scratch, dtype=torch.int32, device=q.device) if mark else dummy
     _gluon_attention_fwd[(min(programs, rows),)](
         _descriptor(q, HALF_M.value), _descriptor(k, bn), _descriptor(v, bn),
         out, lse if lse is not None else dummy, verdicts, entries, counts,
