@@ -67,7 +67,7 @@ class Shape:
         gen = torch.Generator(device="cuda").manual_seed(0)
         self.q, self.k, self.v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
         self.g = TileGeometry(s, s, 128, 64)
-        self.zero = torch.zeros(b, h, self.g.q_tiles, self.g.words, dtype=torch.int32, device="cuda")
+        self.zero = torch.zeros(self.g.mask_shape(b, h), dtype=torch.int32, device="cuda")
         self.do_words, self.skip_words = range_words(self.g, (), (), self.q.device)
         self.stats = torch.zeros(3, dtype=torch.int64, device="cuda")
 

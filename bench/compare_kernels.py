@@ -58,7 +58,7 @@ def main() -> None:
                 return forward(q, k, v, g, scale=scale, threshold=threshold, bits=bits if use_list else None,
                                work=work, stats=stats, return_lse=False, **kw)[0]
 
-            zero = torch.zeros(b, h, g.q_tiles, g.words, dtype=torch.int32, device="cuda")
+            zero = torch.zeros(g.mask_shape(b, h), dtype=torch.int32, device="cuda")
             # The default launch, then its alternatives: a ring of two, and one 64-key tile per step.
             gluon_variants = [{}, {"stages": 2}] + ([{"pairs": False}] if gf.step_tiles(bn) > 1 else [])
             variants = [("triton", tf.triton_forward, {})] + [("gluon", gf.gluon_forward, kw) for kw in gluon_variants]

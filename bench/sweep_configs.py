@@ -47,7 +47,7 @@ def main() -> None:
         g = TileGeometry(s, s, bm, bn)
         do_words, skip_words = range_words(g, (), (), q.device)
         stats = torch.zeros(STATS, dtype=torch.int64, device="cuda")
-        zero = torch.zeros(b, h, g.q_tiles, g.words, dtype=torch.int32, device="cuda")
+        zero = torch.zeros(g.mask_shape(b, h), dtype=torch.int32, device="cuda")
         half = pack_bits(make_mask("random", 0.5, g, b, h, q.device))
         bits = zero.clone()
 

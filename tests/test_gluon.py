@@ -393,7 +393,7 @@ def test_positive_threshold_selects_marking_above_the_running_max(monkeypatch, t
     geometry = TileGeometry(256, 256, 128, 64)
     q = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16, device=DEVICE)
     rows = 2 * geometry.q_tiles
-    bits = torch.zeros(1, 2, geometry.q_tiles, geometry.words, dtype=torch.int32, device=DEVICE)
+    bits = torch.zeros(geometry.mask_shape(1, 2), dtype=torch.int32, device=DEVICE)
     work = WorkList(
         torch.zeros(rows, geometry.k_tiles, dtype=torch.int32, device=DEVICE),
         torch.zeros(rows, dtype=torch.int32, device=DEVICE),
@@ -504,7 +504,7 @@ def test_q_tiles_with_nothing_to_compute_pass_their_turn(programs):
     geometry = TileGeometry(1000, 1000, 128, 64)
     results = []
     for forward in (triton_forward, functools.partial(gluon_forward, programs=programs)):
-        bits = torch.zeros(2, 3, geometry.q_tiles, geometry.words, dtype=torch.int32, device="cuda")
+        bits = torch.zeros(geometry.mask_shape(2, 3), dtype=torch.int32, device="cuda")
         stats = torch.zeros(3, dtype=torch.int64, device="cuda")
         work = plan_work(bits, *range_words(geometry, (), (), q.device), geometry, stats)
         work.counts[:, :, ::2] = 0
