@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The kernels under two Triton releases on one GPU: the machine's (3.6 on the H200 and H100 used
-# here) and a newer one unpacked by bench/triton_unpack.sh. Each phase fits one 10-minute call.
+# The kernels under several Triton releases on one GPU: the machine's (3.6 on the H200 and H100 used
+# here) and newer ones unpacked by bench/triton_unpack.sh. Each phase fits one 10-minute call.
 #   OUT=results bash bench/run_triton_versions.sh tests [TRITON_DIR]  # kernel tests (FULL=1 adds full size)
-#   OUT=results bash bench/run_triton_versions.sh bench TRITON_DIR    # benchmark under each release, back to back
+#   OUT=results bash bench/run_triton_versions.sh bench TRITON_DIR... # benchmark under each release, back to back
 #   OUT=results OLD=path/src bash bench/run_triton_versions.sh ab     # this tree against an older one, same Triton
 # Ratios (dense / cuDNN, first step / dense, s / dense, Flex / ours) are taken within one process
-# each; the two processes run back to back on the same GPU.
+# each; the processes run back to back on the same GPU.
 set -u
 phase=${1:?phase: tests, bench or ab}
 triton_dir=${2:-}
@@ -24,8 +24,10 @@ tests)
         -k "(triton or gluon or non_finite or anchor) and not compiles and not sass" 2>&1 | grep -v "$noise" | tail -15 | tee -a "$OUT/tests.log"
     ;;
 bench)
-    for label in machine carried; do
-        runner=(env PYTHONPATH="$src"); [ "$label" = carried ] && runner=(env PYTHONPATH="$triton_dir:$src")
+    shift
+    for dir in "" "$@"; do  # the machine's Triton first, then each unpacked one
+        label=machine runner=(env PYTHONPATH="$src")
+        [ -n "$dir" ] && label=$(basename "$dir") runner=(env PYTHONPATH="$dir:$src")
         "${runner[@]}" python3 -c "import torch, triton; print('$label: torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/bench.log"
         # FlexAttention compiles through torch's inductor, which may not take a Triton newer than
         # the one torch was built with: without it, the other ratios still come.

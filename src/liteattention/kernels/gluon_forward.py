@@ -435,6 +435,14 @@ def _online_softmax(
         # shuffles); the other order shuffles once per tile.
         row_max = gl.convert_layout(gl.max(gl.max(own, 1), 1), m_i.type.layout, assert_trivial=True)
         m_new = gl.maximum(m_i, row_max * qk_scale)
+    elif TREE_MAX:
+        m_new = gl.maximum(m_i, _row_max_tree(s, m_i) * qk_scale)
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    if MARK:
+        # After P's exponentials in the source, or Triton 3.8 and 3.9 start them only after all
+        # of the verdict arithmetic (3.6 interleaves the two either way; docs/performance.md, v24).
         # Shifted in at the top of warp_bits: after GROUP // STEP_TILES steps, bit j holds the
         # verdict of the group's j-th tile, and older bits have shifted out (no reset, and a
         # constant shift rather than one by the tile's position).
@@ -453,11 +461,6 @@ def _online_softmax(
                 m_mid = gl.maximum(m_i, max0 * qk_scale)
             warp_bits = warp_bits | _verdict_bit(own0, qk_scale, m_i, row_threshold, 30)
             warp_bits = warp_bits | _verdict_bit(own1, qk_scale, m_mid, row_threshold, 31)
-    elif TREE_MAX:
-        m_new = gl.maximum(m_i, _row_max_tree(s, m_i) * qk_scale)
-    else:
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_i, alpha, warp_bits
