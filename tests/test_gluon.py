@@ -316,8 +316,9 @@ def test_dense_call_as_a_list_visits_every_tile_once(monkeypatch, as_list):
     q = torch.zeros(1, 256, 2, 64, dtype=torch.bfloat16, device=DEVICE)
     k = torch.zeros(1, 1000, 2, 64, dtype=torch.bfloat16, device=DEVICE)
     stats = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    geometry = TileGeometry(256, 1000, 128, 64)
     gluon_forward(
-        q, k, k, TileGeometry(256, 1000, 128, 64), scale=1.0, threshold=-10.0, bits=None, work=None,
+        q, k, k, geometry, scale=1.0, threshold=-10.0, bits=None, work=None,
         stats=stats, return_lse=False, dense_list=as_list,
     )
     ((_, options),), (args,) = launches, arguments
@@ -330,8 +331,9 @@ def test_dense_call_as_a_list_visits_every_tile_once(monkeypatch, as_list):
     # A mask to mark into is not a dense call: without its work list it is still refused.
     with pytest.raises(ValueError, match="marking needs a work list"):
         gluon_forward(
-            q, k, k, TileGeometry(256, 1000, 128, 64), scale=1.0, threshold=-10.0,
-            bits=torch.zeros(1, 2, 2, 1, dtype=torch.int32, device=DEVICE), work=None, stats=stats, return_lse=False,
+            q, k, k, geometry, scale=1.0, threshold=-10.0,
+            bits=torch.zeros(geometry.mask_shape(1, 2), dtype=torch.int32, device=DEVICE), work=None, stats=stats,
+            return_lse=False,
             dense_list=as_list,
         )
 
