@@ -8,7 +8,8 @@ calls and keeps the writes), and ``counts`` accumulates on the device what each 
 a host sync. The threshold is a 0-d tensor, an input of the graph rather than a constant baked into
 it: a new threshold (per step, per layer) reuses the compiled graph instead of recompiling it.
 
-    bits = torch.zeros(B, H, Qt, ceil(Kt / 32), dtype=torch.int32, device=q.device)  # or state.bits
+    shape = TileGeometry(Sq, Sk, block_m=128, block_n=64).mask_shape(B, H)  # (B, H, Qt, ceil(Kt / 32))
+    bits = torch.zeros(shape, dtype=torch.int32, device=q.device)  # or a SkipState's bits
     counts = torch.zeros(COUNTS, dtype=torch.int64, device=q.device)
     out, lse = torch.ops.liteattention.attention(
         q, k, v, bits, counts, torch.tensor(-10.0, dtype=torch.float64),
@@ -28,9 +29,9 @@ import math
 import torch
 
 from .attention import lite_attention
-from .state import SkipState, TileGeometry
+from .state import SkipState
 
-__all__ = ["COUNTS", "HOST_OP_TAGS", "attention", "counts_sparsity", "mask_words", "state_zeros"]
+__all__ = ["COUNTS", "HOST_OP_TAGS", "attention", "counts_sparsity", "state_zeros"]
 
 HOST_OP_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 """Tags of the ops that must run on the host at every call (attention: threshold and work list; the
@@ -42,11 +43,6 @@ declines to capture any graph holding them (mutated inputs)."""
 COUNTS = 4
 """Entries of the ``counts`` accumulator: tiles computed, tiles marked before the call, tiles newly
 marked, tiles in all (B * H * Qt * Kt), each summed over the calls since it was zeroed."""
-
-
-def mask_words(geometry: TileGeometry, batch: int, heads: int) -> tuple[int, int, int, int]:
-    """Shape of the packed mask (the op's ``bits``) for ``geometry``: (B, H, Qt, ceil(Kt / 32))."""
-    return geometry.mask_shape(batch, heads)
 
 
 def counts_sparsity(counts: torch.Tensor) -> float:

@@ -67,7 +67,8 @@ def check_device(device: torch.device | str) -> torch.device:
 
 @dataclass(frozen=True)
 class TileGeometry:
-    """How the (Sq x Sk) attention matrix is cut into tiles; the last tile of each axis may be partial."""
+    """How the (Sq x Sk) attention matrix is cut into tiles; the last tile of each axis may be partial.
+    Ceilings are integer divisions, so sizes that torch.compile traces symbolically work too."""
 
     seq_q: int
     seq_k: int
@@ -76,16 +77,16 @@ class TileGeometry:
 
     @property
     def q_tiles(self) -> int:
-        return math.ceil(self.seq_q / self.block_m)
+        return -(-self.seq_q // self.block_m)
 
     @property
     def k_tiles(self) -> int:
-        return math.ceil(self.seq_k / self.block_n)
+        return -(-self.seq_k // self.block_n)
 
     @property
     def words(self) -> int:
         """int32 words per (batch, head, q-tile) row of the packed mask."""
-        return math.ceil(self.k_tiles / WORD_BITS)
+        return -(-self.k_tiles // WORD_BITS)
 
     def mask_shape(self, batch: int, heads: int) -> tuple[int, int, int, int]:
         """Shape of the packed mask: int32 (B, H, Qt, ceil(Kt / 32))."""

@@ -100,7 +100,7 @@ from torch.overrides import TorchFunctionMode
 from .. import ops
 from ..quantize import Quant, check_quant
 from ..schedule import ThresholdLike, ThresholdSchedule
-from ..state import HISTORY_SIZE, WORD_BITS, check_block_sizes, default_block_sizes, pack_bits, unpack_bits
+from ..state import HISTORY_SIZE, TileGeometry, check_block_sizes, default_block_sizes, pack_bits, unpack_bits
 
 __all__ = ["LiteAttentionHandle", "LiteAttentionProcessor", "apply_lite_attention"]
 
@@ -312,7 +312,7 @@ class _Live:
     current threshold (a CPU scalar: the op reads it on the host, without a device sync)."""
 
     bits: list[torch.Tensor] = field(default_factory=list)
-    geometry: list[tuple[int, int, int, int]] = field(default_factory=list)  # (Sq, Sk, block_m, block_n)
+    geometry: list[TileGeometry] = field(default_factory=list)
     counts: torch.Tensor | None = None
     threshold: torch.Tensor = field(default_factory=lambda: torch.tensor(-math.inf, dtype=torch.float64))
 
@@ -426,8 +426,8 @@ class LiteAttentionProcessor:
         default_m, default_n = default_block_sizes(head_dim)
         block_m = self._tiles[0] or default_m
         block_n = self._tiles[1] or default_n
-        geometry = (seq_q, seq_k, block_m, block_n)
-        shape = (batch, heads, -(-seq_q // block_m), -(-(-(-seq_k // block_n)) // WORD_BITS))
+        geometry = TileGeometry(seq_q, seq_k, block_m, block_n)
+        shape = geometry.mask_shape(batch, heads)
         # A first call, or new shapes: a fresh mask (shapes are static to the compiler, so this runs
         # while tracing, once per shape).
         if shard == len(live.bits):
@@ -441,7 +441,7 @@ class LiteAttentionProcessor:
                 # would become a guard of the graph.
                 warnings.warn(
                     "LiteAttention: rebuilding the skip state, state was built for batch, heads "
-                    f"{tuple(old.shape[:2])}, seq_q, seq_k {live.geometry[shard][:2]} on {old.device} (inputs have "
+                    f"{tuple(old.shape[:2])}, seq_q, seq_k {(live.geometry[shard].seq_q, live.geometry[shard].seq_k)} on {old.device} (inputs have "
                     f"{(batch, heads)}, {(seq_q, seq_k)} on {q.device})",
                     stacklevel=2,
                 )
@@ -479,7 +479,7 @@ class LiteAttentionProcessor:
     def masks(self, bits: list[torch.Tensor]) -> torch.Tensor:
         """This layer's mask from its per-shard ``bits``: bool (B, H, Qt, Kt); under ring attention, the
         key/value shards' k-tiles side by side in key order (this rank's query rows of the full matrix)."""
-        parts = [unpack_bits(b, -(-g[1] // g[3])) for b, g in zip(bits, self.live.geometry, strict=True)]
+        parts = [unpack_bits(b, g.k_tiles) for b, g in zip(bits, self.live.geometry, strict=True)]
         if self._ring is not None and len(parts) == self._ring[1]:
             rank, size = self._ring  # the ring visits shard (rank + i) % size at call i
             parts = [parts[(j - rank) % size] for j in range(size)]
