@@ -4,8 +4,8 @@
 # Usage (repo root, any x86-64 Linux with pip): bash bench/triton_pack.sh 3.9.0 .t39
 # Leaves DEST/a/part00, DEST/b/part01, ...: xz of a tar holding the triton package without its AMD
 # backend, the ptxas for GPUs before sm_90 (from 3.9 on, sm_90 is built by the newer one that
-# Triton names ptxas-blackwell), CUPTI, proton and instrumentation, with libtriton.so stripped of
-# debug symbols (500 MB -> 192 MB). bench/triton_unpack.sh puts it back together on the GPU
+# Triton names ptxas-blackwell), CUPTI, proton, instrumentation, the disassemblers, and the headers
+# and libraries for building plugins, with libtriton.so stripped of debug symbols (500 MB -> 192 MB). bench/triton_unpack.sh puts it back together on the GPU
 # machine. The wheel must match the GPU machine's Python (3.12 there).
 set -euo pipefail
 version=${1:?Triton version}
@@ -18,7 +18,9 @@ strip --strip-unneeded "$work/triton/_C/libtriton.so"
 tar -C "$work" --exclude=triton/backends/amd --exclude='triton/backends/nvidia/lib/cupti*' \
     --exclude=triton/backends/nvidia/bin/ptxas --exclude=triton/_C/libproton.so \
     --exclude=triton/instrumentation --exclude=triton/FileCheck --exclude=__pycache__ \
-    -cf - triton "triton-$version.dist-info" | xz -6 -T0 > "$work/triton.tar.xz"
+    --exclude=triton/include --exclude=triton/plugins --exclude=triton/backends/nvidia/bin/nvdisasm \
+    --exclude=triton/backends/nvidia/bin/cuobjdump \
+    -cf - triton "triton-$version.dist-info" | xz -9e -T0 > "$work/triton.tar.xz"
 mkdir -p "$dest"
 split -b 40M -d "$work/triton.tar.xz" "$work/part"
 i=0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU machine: put the pieces bench/triton_pack.sh made (carried one call at a time, to a
+# On the GPU machine: put the pieces bench/triton_pack.sh made (copied there together, or one at a time to a
 # machine that stays up between the calls) back together into a folder to put first on PYTHONPATH.
 # Usage: bash bench/triton_unpack.sh .t39 /tmp/triton39 && export PYTHONPATH=/tmp/triton39
 set -euo pipefail
