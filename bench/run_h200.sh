@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One device call on the H200: full-size kernel tests, the benchmark, and the demo on the GPU.
-# Usage (repo root, diffusers importable by python3; on the lent H200, which has no network:
+# On an H200, in one run of under 10 minutes: full-size kernel tests, the benchmark, and the demo on
+# the GPU. Usage (repo root, diffusers importable by python3; on a machine with no network:
 # python3 -m pip install --no-deps <diffusers and importlib_metadata wheels>):
 #   OUT=results bash bench/run_h200.sh
 # Each step has its own time limit, so a cut-short run still returns what finished; the whole
-# run takes 500-550 s of the 600 s a device call may run.
+# run takes 500-550 s.
 set -u
 OUT=${OUT:-h200-results}
 mkdir -p "$OUT"
@@ -21,7 +21,7 @@ timeout 40 python3 -m liteattention.cli demo --device cuda --out "$OUT/demo" 2>&
 tar -C "$OUT" -cf "$OUT/demo.tar" demo && rm -r "$OUT/demo"
 timeout 155 python3 -m liteattention.cli bench --shapes wan1.3b-480p,hunyuan,wan-720p --patterns random --out "$OUT/bench-more" 2>&1 \
     | grep -v Warning | tee -a "$OUT/run.log" | tail -4
-# One archive for both benchmarks' json, table and plot: a device call returns at most 8 files.
+# One archive for both benchmarks' json, table and plot, to keep the results to a few files.
 benches=$(cd "$OUT" && ls -d bench-main bench-more 2>/dev/null)
 [ -n "$benches" ] && tar -C "$OUT" -cf "$OUT/bench.tar" $benches && (cd "$OUT" && rm -r $benches)
 echo "total ${SECONDS} s" | tee -a "$OUT/run.log"
