@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The kernels under several Triton releases on one GPU: the machine's (3.6 on the H200 and H100 used
-# here) and newer ones unpacked by bench/triton_unpack.sh. Each phase fits one 10-minute call.
+# here) and newer ones unpacked by bench/triton_unpack.sh. Each phase runs in under 10 minutes.
 #   OUT=results bash bench/run_triton_versions.sh tests [TRITON_DIR]  # kernel tests (FULL=1 adds full size)
 #   OUT=results bash bench/run_triton_versions.sh bench TRITON_DIR... # benchmark under each release, back to back
 #   OUT=results OLD=path/src bash bench/run_triton_versions.sh ab     # this tree against an older one, same Triton
+#   OUT=results bash bench/run_triton_versions.sh profile TRITON_DIR... # where a marking call's time goes, per release
 # Ratios (dense / cuDNN, first step / dense, s / dense, Flex / ours) are taken within one process
 # each; the processes run back to back on the same GPU.
 set -u
-phase=${1:?phase: tests, bench or ab}
+phase=${1:?phase: tests, bench, profile or ab}
 triton_dir=${2:-}
 OUT=${OUT:-triton-results}
 mkdir -p "$OUT"
@@ -36,6 +37,25 @@ bench)
                 --rounds "${ROUNDS:-15}" $flex --out "$OUT/bench-$label" > "$OUT/bench-$label.log" 2>&1 && break
         done
         grep -v "Warning\|$noise" "$OUT/bench-$label.log" | tee -a "$OUT/bench.log" | tail -4
+    done
+    ;;
+profile)
+    # Head dim 64 (LTX-Video's shape), where marking under 3.9 ran 8-11% slower than under 3.6: each
+    # kernel's device time per call (attention, verdict pass, planner), then ncu's stall samples per
+    # SASS instruction of the marking kernel's second launch (the first compiles).
+    shift
+    shape=${SHAPE:-1,32,16384,64}
+    for dir in "" "$@"; do
+        label=machine runner=(env PYTHONPATH="$src")
+        [ -n "$dir" ] && label=$(basename "$dir") runner=(env PYTHONPATH="$dir:$src")
+        "${runner[@]}" timeout 120 python3 bench/ab_gluon.py --kernel-times --shapes "$shape" 2>&1 \
+            | grep -v "Warning\|$noise" | tee -a "$OUT/profile.log"
+        "${runner[@]}" timeout 240 ncu --clock-control none --launch-skip 1 --launch-count 1 -k regex:_gluon_attention_fwd \
+            --section WarpStateStats --section SourceCounters -f -o "$OUT/mark-$label" \
+            python3 bench/ab_gluon.py --ncu-mode mark --shapes "$shape" > "$OUT/ncu-$label.log" 2>&1
+        ncu --import "$OUT/mark-$label.ncu-rep" --page source --print-source sass --csv > "$OUT/mark-$label-sass.csv" 2>&1
+        ncu --import "$OUT/mark-$label.ncu-rep" --page details > "$OUT/mark-$label-details.txt" 2>&1
+        tail -3 "$OUT/ncu-$label.log"; grep -i "duration\|warp cycles per issued" "$OUT/mark-$label-details.txt" | tee -a "$OUT/profile.log"
     done
     ;;
 ab)
