@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from liteattention import SkipState, lite_attention
+from liteattention import SkipState, TileGeometry, lite_attention
 from liteattention.integrations import apply_lite_attention
 from liteattention.ops import COUNTS, counts_sparsity
 
@@ -213,3 +213,19 @@ def test_bad_timestep_is_named_when_compiled(how) -> None:
     with torch.no_grad():
         compiled(**inputs, timestep=torch.full((1,), 999.0), return_dict=False)
     assert (handle.step, handle.branch) == (0, 0) and handle.stats()[0][0][0] == 0.0
+
+
+def test_tile_geometry_takes_symbolic_sizes() -> None:
+    """The integration sizes its masks with TileGeometry while dynamo traces: with dynamic shapes the
+    sequence length is a SymInt, and the mask shape must follow it without a recompile (lengths with
+    more than one mask word per row: torch specializes a dimension of size 1)."""
+
+    def mask_for(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(TileGeometry(x.shape[0], x.shape[0], 128, 64).mask_shape(1, 2), dtype=torch.int32)
+
+    compiled = torch.compile(mask_for, backend="aot_eager", dynamic=True, fullgraph=True)
+    for seq in (4100, 70000, 5000):
+        geometry = TileGeometry(seq, seq, 128, 64)
+        assert compiled(torch.empty(seq)).shape == (1, 2, math.ceil(seq / 128), math.ceil(seq / 64 / 32))
+        assert geometry.mask_shape(1, 2) == compiled(torch.empty(seq)).shape
+    assert _graphs() == 1

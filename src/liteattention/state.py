@@ -68,7 +68,7 @@ def check_device(device: torch.device | str) -> torch.device:
 @dataclass(frozen=True)
 class TileGeometry:
     """How the (Sq x Sk) attention matrix is cut into tiles; the last tile of each axis may be partial.
-    Ceilings are integer divisions, so sizes that torch.compile traces symbolically work too."""
+    Ceilings are integer divisions: exact at any size, and symbolic under torch.compile's dynamic shapes."""
 
     seq_q: int
     seq_k: int
