@@ -5,8 +5,9 @@
 # Leaves DEST/a/part00, DEST/b/part01, ...: xz of a tar holding the triton package without its AMD
 # backend, the ptxas for GPUs before sm_90 (from 3.9 on, sm_90 is built by the newer one that
 # Triton names ptxas-blackwell), CUPTI, proton, instrumentation, the disassemblers, and the headers
-# and libraries for building plugins, with libtriton.so stripped of debug symbols (500 MB -> 192 MB). bench/triton_unpack.sh puts it back together on the GPU
-# machine. The wheel must match the GPU machine's Python (3.12 there).
+# and libraries for building plugins, with libtriton.so stripped of debug symbols (500 MB -> 192 MB):
+# 51 MB for 3.9. bench/triton_unpack.sh puts it back together on the GPU machine. The wheel must
+# match the GPU machine's Python (3.12 there).
 set -euo pipefail
 version=${1:?Triton version}
 dest=${2:?destination folder}

@@ -434,14 +434,14 @@ class LiteAttentionProcessor:
             live.bits.append(ops.state_zeros(list(shape), torch.int32, q.device))
             live.geometry.append(geometry)
         elif live.geometry[shard] != geometry or live.bits[shard].shape != shape or live.bits[shard].device != q.device:
-            old = live.bits[shard]
+            old, built = live.bits[shard], live.geometry[shard]
             if not torch.compiler.is_compiling() and (self._handle._live[0], self.layer) in self._handle._records:
                 # Mid-generation (the layer has run at an earlier step): say that its marks are lost.
                 # The stats keep the steps before. Not while tracing: what the handle has recorded
                 # would become a guard of the graph.
                 warnings.warn(
                     "LiteAttention: rebuilding the skip state, state was built for batch, heads "
-                    f"{tuple(old.shape[:2])}, seq_q, seq_k {(live.geometry[shard].seq_q, live.geometry[shard].seq_k)} on {old.device} (inputs have "
+                    f"{tuple(old.shape[:2])}, seq_q, seq_k {(built.seq_q, built.seq_k)} on {old.device} (inputs have "
                     f"{(batch, heads)}, {(seq_q, seq_k)} on {q.device})",
                     stacklevel=2,
                 )
