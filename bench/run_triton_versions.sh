@@ -15,10 +15,15 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 noise='leaked \|nanobind\|refleaks\|skipped remainder'  # Triton 3.9's binding-leak report at exit
 src="$PWD/src"
+# Sets label and runner for one release: "" is the machine's Triton, else an unpacked folder.
+release() {
+    label=machine runner=(env PYTHONPATH="$src")
+    if [ -n "$1" ]; then label=$(basename "$1") runner=(env PYTHONPATH="$1:$src"); fi
+}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee -a "$OUT/gpu.log"
 case "$phase" in
 tests)
-    runner=(env PYTHONPATH="$src"); [ -n "$triton_dir" ] && runner=(env PYTHONPATH="$triton_dir:$src")
+    release "$triton_dir"
     [ "${FULL:-0}" = 1 ] && runner+=(LITEATTENTION_FULL=1)
     "${runner[@]}" python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/tests.log"
     "${runner[@]}" timeout 500 python3 -m pytest tests/test_semantics.py tests/test_gluon.py -q -p no:cacheprovider \
@@ -27,8 +32,7 @@ tests)
 bench)
     shift
     for dir in "" "$@"; do  # the machine's Triton first, then each unpacked one
-        label=machine runner=(env PYTHONPATH="$src")
-        [ -n "$dir" ] && label=$(basename "$dir") runner=(env PYTHONPATH="$dir:$src")
+        release "$dir"
         "${runner[@]}" python3 -c "import torch, triton; print('$label: torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/bench.log"
         # FlexAttention compiles through torch's inductor, which may not take a Triton newer than
         # the one torch was built with: without it, the other ratios still come.
@@ -46,8 +50,7 @@ profile)
     shift
     shape=${SHAPE:-1,32,16384,64}
     for dir in "" "$@"; do
-        label=machine runner=(env PYTHONPATH="$src")
-        [ -n "$dir" ] && label=$(basename "$dir") runner=(env PYTHONPATH="$dir:$src")
+        release "$dir"
         "${runner[@]}" timeout 120 python3 bench/ab_gluon.py --kernel-times --shapes "$shape" 2>&1 \
             | grep -v "Warning\|$noise" | tee -a "$OUT/profile.log"
         "${runner[@]}" timeout 240 ncu --clock-control none --launch-skip 1 --launch-count 1 -k regex:_gluon_attention_fwd \

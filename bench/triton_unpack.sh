@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On the GPU machine: put the pieces bench/triton_pack.sh made (copied there together, or one at a time to a
-# machine that stays up between the calls) back together into a folder to put first on PYTHONPATH.
+# On the GPU machine: put the pieces bench/triton_pack.sh made (copied there together, or one at a
+# time to a machine that stays up in between) back together into a folder to put first on PYTHONPATH.
 # Usage: bash bench/triton_unpack.sh .t39 /tmp/triton39 && export PYTHONPATH=/tmp/triton39
 set -euo pipefail
 src=${1:?folder of pieces}

@@ -333,8 +333,7 @@ def test_dense_call_as_a_list_visits_every_tile_once(monkeypatch, as_list):
         gluon_forward(
             q, k, k, geometry, scale=1.0, threshold=-10.0,
             bits=torch.zeros(geometry.mask_shape(1, 2), dtype=torch.int32, device=DEVICE), work=None, stats=stats,
-            return_lse=False,
-            dense_list=as_list,
+            return_lse=False, dense_list=as_list,
         )
 
 
