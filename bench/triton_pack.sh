@@ -3,11 +3,11 @@
 # travel one at a time (the GPU machine has torch with Triton 3.6; a Triton 3.9 wheel is 285 MB).
 # Usage (repo root, any x86-64 Linux with pip): bash bench/triton_pack.sh 3.9.0 .t39
 # Leaves DEST/a/part00, DEST/b/part01, ...: xz of a tar holding the triton package without its AMD
-# backend, the ptxas for GPUs before sm_90 (from 3.9 on, sm_90 is built by the newer one that
-# Triton names ptxas-blackwell), CUPTI, proton, instrumentation, the disassemblers, and the headers
-# and libraries for building plugins, with libtriton.so stripped of debug symbols (500 MB -> 192 MB):
-# 51 MB for 3.9. bench/triton_unpack.sh puts it back together on the GPU machine. The wheel must
-# match the GPU machine's Python (3.12 there).
+# backend, the one of its two ptxas that does not build sm_90 (up to 3.8 sm_90 takes ptxas, from
+# 3.9 the newer one Triton names ptxas-blackwell), CUPTI, proton, instrumentation, the disassemblers,
+# and the headers and libraries for building plugins, with libtriton.so stripped of debug symbols
+# (500 MB -> 192 MB): 51 MB for 3.9. bench/triton_unpack.sh puts it back together on the GPU
+# machine. The wheel must match the GPU machine's Python (3.12 there).
 set -euo pipefail
 version=${1:?Triton version}
 dest=${2:?destination folder}
@@ -16,8 +16,10 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 -d "$work" "triton==$version"
 (cd "$work" && unzip -q triton-*.whl)
 strip --strip-unneeded "$work/triton/_C/libtriton.so"
+unused_ptxas=ptxas-blackwell
+[ "$(printf '%s\n' 3.9 "$version" | sort -V | head -1)" = 3.9 ] && unused_ptxas=ptxas
 tar -C "$work" --exclude=triton/backends/amd --exclude='triton/backends/nvidia/lib/cupti*' \
-    --exclude=triton/backends/nvidia/bin/ptxas --exclude=triton/_C/libproton.so \
+    --exclude="triton/backends/nvidia/bin/$unused_ptxas" --exclude=triton/_C/libproton.so \
     --exclude=triton/instrumentation --exclude=triton/FileCheck --exclude=__pycache__ \
     --exclude=triton/include --exclude=triton/plugins --exclude=triton/backends/nvidia/bin/nvdisasm \
     --exclude=triton/backends/nvidia/bin/cuobjdump \

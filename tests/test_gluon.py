@@ -158,15 +158,19 @@ def test_sass_p_reaches_the_pv_wgmma_without_swapping_halves_at_head_dim_128(mon
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_sass_marking_step_loop_holds_no_verdict_store(monkeypatch, head_dim):
+def test_sass_marking_step_loop_stores_verdicts_only_where_it_is_one_loop(monkeypatch, head_dim):
     """With marking, a group's verdict word is reduced and stored after the inner loop over its
     steps, so the step loop holds no redux and no store; marking adds the verdicts only (two
     compares per tile and row, the select and shift of its bit, and register moves): 11
-    instructions over the list loop's at head dim 128, 13 at 64."""
+    instructions over the list loop's at head dim 128, 13 at 64. From Triton 3.9 at head dim 64
+    the steps run in one loop that stores the word in every step (_nested_steps): one redux, one
+    store and its address more, and the 32 PRMT that swap P's halves in a single loop."""
     mark = step_loop_opcodes(monkeypatch, head_dim, "mark")
     listed = step_loop_opcodes(monkeypatch, head_dim, "list")
-    assert (mark["REDUX"], mark["STG"], mark["FSETP"]) == (0, 0, 4), mark
-    assert sum(mark.values()) - sum(listed.values()) <= 13, (sum(mark.values()), sum(listed.values()))
+    one_loop = head_dim == 64 and kernels.TRITON_VERSION >= (3, 9)
+    stores, prmt, extra = (1, 32, 16) if one_loop else (0, 0, 13)
+    assert (mark["REDUX"], mark["STG"], mark["FSETP"], mark["PRMT"]) == (stores, stores, 4, prmt), mark
+    assert sum(mark.values()) - prmt - sum(listed.values()) <= extra, (sum(mark.values()), sum(listed.values()))
 
 
 @pytest.mark.parametrize("head_dim, mode, chain", [(64, "list", 7), (64, "dense", 33), (128, "list", 33)])

@@ -548,6 +548,10 @@ def _consume(
                 q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, 0, p_op, m_i, l_i, acc, warp_bits, zero_s,
                 row_threshold, seq_k, qk_scale, BLOCK_N, MARK, ABOVE_MAX, TREE_MAX, False, half, PINGPONG, token,
             )
+            # Each step stores its group's word as it stands, with no test for the group's end:
+            # the group's last step stores it whole (the last group is stored after the loop).
+            if MARK:
+                _store_verdict(warp_bits, (i - base) // (GROUP // (STEP_N // BLOCK_N)), verdicts_row)
     last = base + steps - 1
     if steps > 1:
         if MASK_ENDS:
@@ -731,12 +735,16 @@ def _tree_row_max(use_list, mark, pingpong):
 @gluon.constexpr_function
 def _nested_steps(use_list, mark, pingpong):
     """Whether the steps of each group of GROUP tiles run in an inner loop rather than in one loop.
-    Marking needs it: each group's verdict word is stored after its inner loop (one loop that
-    tested for a group's end in every step was 1.6-12% slower in a first step). Without marking
-    it only moves ptxas's schedule: the list with ping-pong (head dim 64) ran 11% faster nested,
-    but dense mode was 3-7% slower and the list at head dim 128 2.5% slower (docs/performance.md,
-    v17)."""
-    return mark or (use_list and pingpong)
+    With marking, each group's verdict word is then stored once, after its inner loop (one loop
+    that tested for a group's end in every step was 1.6-12% slower in a first step, v17). Except
+    at head dim 64 (ping-pong) from Triton 3.9, whose ptxas made that loop 8-11% slower than
+    under 3.6: there one loop that stores the group's word in every step runs at 3.6's speed (and
+    under 3.6 and 3.8 ran 5-7% slower; v25). Without marking nesting only moves ptxas's schedule:
+    the list with ping-pong (head dim 64) ran 11% faster nested, but dense mode was 3-7% slower and
+    the list at head dim 128 2.5% slower (docs/performance.md, v17)."""
+    if mark:
+        return not (pingpong and TRITON_VERSION >= (3, 9))
+    return use_list and pingpong
 
 
 def _smem_bytes(step_n: int, head_dim: int, itemsize: int) -> tuple[int, int]:
