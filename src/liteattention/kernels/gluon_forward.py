@@ -25,9 +25,10 @@ scheduled the way FlashAttention-3 schedules Hopper, which Triton's own pipeline
 Marking needs every row of the q-tile, but the rows are split over eight warps and each row's
 columns over four threads: each thread judges its own columns of its two rows against the
 rows' running maxima (a tile is negligible for a row when it is for all four threads), keeps one
-bit per tile for both rows, and after each group of GROUP tiles (an inner loop over its steps)
-each warp reduces its threads' bits into one word with a warp-wide AND and stores it (no shared
-memory, no barrier, no atomics, no waiting on memory inside the loop);
+bit per tile for both rows, and after each group of GROUP tiles (an inner loop over its steps;
+one loop that stores in every step where ptxas schedules that better, _nested_steps) each warp
+reduces its threads' bits into one word with a warp-wide AND and stores it (no shared memory, no
+barrier, no atomics, no waiting on memory inside the loop);
 ``_apply_verdicts`` then marks the tiles all eight warps found negligible, one program per row.
 """
 
