@@ -618,8 +618,8 @@ def _consumer_partition(
                 Entries + tile.to(gl.int64) * k_tiles, verdicts_row, count, steps, base, seq_k, qk_scale, token,
                 BLOCK_N, USE_LIST, MARK, ABOVE_MAX, MASK_ENDS, half, PINGPONG,
             )
-            # The last group's word (the loop stores only groups that end before the last step);
-            # its bits were shifted in at the top, so shift them down to start at bit 0.
+            # The last group's word, whole (the loops store whole only the groups that end before
+            # the last step); its bits were shifted in at the top, so shift them down to bit 0.
             if MARK:
                 last = steps * STEP_TILES - 1
                 _store_verdict(warp_bits >> (GROUP - 1 - last % GROUP).to(gl.uint32), last // GROUP, verdicts_row)
@@ -739,8 +739,8 @@ def _nested_steps(use_list, mark, pingpong):
     With marking, each group's verdict word is then stored once, after its inner loop (one loop
     that tested for a group's end in every step was 1.6-12% slower in a first step, v17). Except
     at head dim 64 (ping-pong) from Triton 3.9, whose ptxas made that loop 8-11% slower than
-    under 3.6: there one loop that stores the group's word in every step runs at 3.6's speed (and
-    under 3.6 and 3.8 ran 5-7% slower; v25). Without marking nesting only moves ptxas's schedule:
+    under 3.6: there one loop that stores the group's word in every step took a first step from
+    1.10 to 1.03-1.04 of dense (under 3.6 and 3.8 it ran 5-7% slower; v25). Without marking nesting only moves ptxas's schedule:
     the list with ping-pong (head dim 64) ran 11% faster nested, but dense mode was 3-7% slower and
     the list at head dim 128 2.5% slower (docs/performance.md, v17)."""
     if mark:
