@@ -530,8 +530,8 @@ def _consume(
     )
     p_op = gl.convert_layout(_p_operand(p, k_bufs, BLOCK_N, MARK), p_layout)
     # The loops count ring positions (base + step).
+    GROUP_STEPS: gl.constexpr = GROUP // (STEP_N // BLOCK_N)
     if _nested_steps(USE_LIST, MARK, PINGPONG):
-        GROUP_STEPS: gl.constexpr = GROUP // (STEP_N // BLOCK_N)
         for start in range(0, steps - 1, GROUP_STEPS):
             first = start + (start == 0)  # step 0 went above
             end = start + GROUP_STEPS if start + GROUP_STEPS < steps - 1 else steps - 1
@@ -552,7 +552,7 @@ def _consume(
             # Each step stores its group's word as it stands, with no test for the group's end:
             # the group's last step stores it whole (the last group is stored after the loop).
             if MARK:
-                _store_verdict(warp_bits, (i - base) // (GROUP // (STEP_N // BLOCK_N)), verdicts_row)
+                _store_verdict(warp_bits, (i - base) // GROUP_STEPS, verdicts_row)
     last = base + steps - 1
     if steps > 1:
         if MASK_ENDS:
@@ -740,9 +740,10 @@ def _nested_steps(use_list, mark, pingpong):
     that tested for a group's end in every step was 1.6-12% slower in a first step, v17). Except
     at head dim 64 (ping-pong) from Triton 3.9, whose ptxas made that loop 8-11% slower than
     under 3.6: there one loop that stores the group's word in every step took a first step from
-    1.10 to 1.03-1.04 of dense (under 3.6 and 3.8 it ran 5-7% slower; v25). Without marking nesting only moves ptxas's schedule:
-    the list with ping-pong (head dim 64) ran 11% faster nested, but dense mode was 3-7% slower and
-    the list at head dim 128 2.5% slower (docs/performance.md, v17)."""
+    1.10 to 1.03-1.04 of dense (under 3.6 and 3.8 it ran 5-7% slower; v25). Without marking,
+    nesting only moves ptxas's schedule: the list with ping-pong (head dim 64) ran 11% faster
+    nested, but dense mode was 3-7% slower and the list at head dim 128 2.5% slower
+    (docs/performance.md, v17)."""
     if mark:
         return not (pingpong and TRITON_VERSION >= (3, 9))
     return use_list and pingpong
