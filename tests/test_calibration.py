@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -219,6 +220,57 @@ def test_budget_needs_a_knob():
     with pytest.raises(ValueError, match="metric: expected one of"):
         calibrate(prompts=PROMPTS, metric="l3", max_error=0.1, generate=lambda p, s: None,
                   transformer=torch.nn.Linear(1, 1))
+
+
+def test_numpy_numbers_are_taken_and_saved_as_numbers(tiny_calibration, tmp_path):
+    import numpy as np
+
+    from liteattention.calibration import Budget
+
+    _, profile = tiny_calibration
+    budget = Budget(max_error=np.float32(0.05), min_psnr=np.float64(30.0), target_sparsity=np.float64(0.2))
+    assert type(budget.max_error) is float and budget.max_error == pytest.approx(0.05)
+    numpy_profile = replace(profile, budget=budget, calibration={**profile.calibration, "grid": list(np.array(GRID))})
+    for suffix in (".json", ".toml"):
+        assert load_profile(numpy_profile.save(tmp_path / f"p{suffix}")).budget == budget
+
+
+@pytest.mark.parametrize("bad", [
+    dict(max_error=True), dict(max_error=math.inf), dict(max_error=0.0), dict(min_psnr=math.nan),
+    dict(target_sparsity=1.0), dict(target_sparsity="0.5"),
+])
+def test_bad_budgets_are_refused_naming_the_bound(bad):
+    from liteattention.calibration import Budget
+
+    with pytest.raises(ValueError, match=f"{next(iter(bad))}: expected"):
+        Budget(**bad)
+
+
+def test_calibrate_checks_its_arguments_before_generating():
+    import numpy as np
+
+    generated = []
+
+    def generate(prompts, seeds):
+        generated.append(seeds)
+        raise AssertionError("generated before the arguments were checked")
+
+    model = sharp_tiny_model()
+    kwargs = dict(prompts=PROMPTS, max_error=0.05, generate=generate, transformer=model.transformer)
+    for bad, match in [
+        (dict(seeds=np.array([0, -1])), "seeds: expected a non-empty sequence of non-negative ints"),
+        (dict(seeds=[]), "seeds: expected"),
+        (dict(grid=torch.tensor([-8.0, math.inf])), "grid: expected a non-empty sequence of finite thresholds"),
+        (dict(grid=-8.0), "grid: expected"),
+        (dict(transformer=torch.nn.Linear(1, 1)), "transformer: expected one of WanTransformer3DModel"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            calibrate(**{**kwargs, **bad})
+    assert not generated
+    # numpy and torch numbers are taken: the run gets that far.
+    with pytest.raises(AssertionError, match="generated before"):
+        calibrate(**kwargs, seeds=np.array([0, 1]), grid=np.linspace(-12, -2, 6), progress=False)
+    assert generated == [[0, 1, 0, 1]] and all(type(s) is int for s in generated[0])  # every (prompt, seed)
 
 
 def test_top_level_names():

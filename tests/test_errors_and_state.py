@@ -159,3 +159,41 @@ def test_pack_roundtrip_and_set_mask():
 def test_functional_state_type_checked():
     with pytest.raises(TypeError, match="state must be a SkipState"):
         lite_attention(*qkv(), state="mask")
+
+
+def test_state_and_geometry_constructors_name_the_bad_argument():
+    q, k, _ = qkv()
+    with pytest.raises(ValueError, match=r"q must be a tensor of shape \(batch, seq, heads, head_dim\), got \(40, 2, 32\)"):
+        SkipState.for_inputs(q[0], k)
+    with pytest.raises(ValueError, match="k must be a tensor of shape"):
+        SkipState.for_inputs(q, None)
+    from liteattention import TileGeometry
+
+    with pytest.raises(ValueError, match="block_m: expected an integer >= 1, got 0"):
+        TileGeometry(10, 10, 0, 64)
+    with pytest.raises(ValueError, match="seq_k: expected a sequence length >= 1, got 0"):
+        TileGeometry(10, 0, 64, 64)
+
+
+def test_the_registered_op_checks_its_tensors_before_marking():
+    from liteattention.ops import COUNTS
+    from liteattention.state import TileGeometry
+
+    q, k, v = qkv(s=64)
+    bits = torch.zeros(TileGeometry(64, 64, 16, 16).mask_shape(1, 2), dtype=torch.int32)
+    args = dict(must_do=[], must_skip=[], scale=None, block_m=16, block_n=16, backend="reference")
+    threshold = torch.tensor(1e4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"counts: expected shape \({COUNTS},\), got \(3,\)"):
+        torch.ops.liteattention.attention(q, k, v, bits, torch.zeros(3, dtype=torch.int64), threshold, **args)
+    with pytest.raises(ValueError, match=r"threshold: expected a one-element tensor, got shape \(2,\)"):
+        torch.ops.liteattention.attention(q, k, v, bits, None, threshold.repeat(2), **args)
+    assert not bits.any(), "a refused call must not mark"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_outputs_are_contiguous_whatever_the_input_layout(backend):
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(s=100, dtype=dtype))  # heads outer
+    out, lse = lite_attention(q, k, v, SkipState.for_inputs(q, k), threshold=-4.0, return_lse=True, backend=backend)
+    assert out.is_contiguous() and lse.is_contiguous()
+    out.view(1, 100, -1)  # heads merged, as the models do next

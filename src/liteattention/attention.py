@@ -123,7 +123,7 @@ def lite_attention(
             raise TypeError(f"state must be a SkipState or None, got {type(state).__name__}")
         reason = state.mismatch(q, k)
         if reason is not None:
-            raise ValueError(f"state does not fit the inputs: {reason}; build a new one or reset it with new shapes")
+            raise ValueError(f"state does not fit the inputs: {reason}; build one for them: SkipState.for_inputs(q, k)")
         geometry = state.geometry
     else:
         geometry = TileGeometry(seq_q, seq_k, *default_block_sizes(head_dim))

@@ -84,6 +84,10 @@ def attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output (q's shape and dtype) and LSE (B, H, Sq) float32 of :func:`lite_attention` with the
     mask ``bits``; adds the call's tile counts to ``counts`` (see ``COUNTS``)."""
+    if threshold.numel() != 1:
+        raise ValueError(f"threshold: expected a one-element tensor, got shape {tuple(threshold.shape)}")
+    if counts is not None and tuple(counts.shape) != (COUNTS,):
+        raise ValueError(f"counts: expected shape ({COUNTS},), got {tuple(counts.shape)}")
     kwargs = dict(
         threshold=float(threshold), scale=scale, return_lse=True, backend=backend,
         must_do=_pairs(must_do), must_skip=_pairs(must_skip), quant=quant,

@@ -89,4 +89,5 @@ def reference_forward(
 
     out = (acc / l[..., None]).flatten(2, 3)[:, :, : g.seq_q]
     lse = ((m + torch.log2(l)) / LOG2E).flatten(2, 3)[:, :, : g.seq_q]
-    return out.transpose(1, 2).to(q.dtype), lse.to(torch.float32), marked
+    # Contiguous, as the GPU kernels return them (a caller may .view the heads together).
+    return out.transpose(1, 2).to(q.dtype).contiguous(), lse.to(torch.float32).contiguous(), marked

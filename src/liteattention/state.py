@@ -75,6 +75,14 @@ class TileGeometry:
     block_m: int
     block_n: int
 
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("seq_q", "seq_k"):  # symbolic under torch.compile: checked where the inputs are
+            value = getattr(self, name)
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"{name}: expected a sequence length >= 1, got {value}")
+
     @property
     def q_tiles(self) -> int:
         return -(-self.seq_q // self.block_m)
@@ -180,6 +188,10 @@ class SkipState:
         history_size: int = HISTORY_SIZE,
     ) -> "SkipState":
         """A fresh state shaped for q (B, Sq, H, D) and k (B, Sk, H, D)."""
+        for name, t in (("q", q), ("k", k)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a tensor of shape (batch, seq, heads, head_dim), got {shape}")
         b, sq, h, d = q.shape
         return cls(
             b, h, sq, k.shape[1], d, dtype=q.dtype, device=q.device, block_m=block_m, block_n=block_n,

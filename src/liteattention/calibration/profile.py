@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import sys
 import tempfile
@@ -31,7 +32,7 @@ else:  # Python 3.10: the same parser from PyPI, which the diffusers extra insta
     import tomli as tomllib
 
 from ..experiment import jsonable
-from ..schedule import check_threshold
+from ..schedule import check_threshold, is_real
 from ..state import ALLOWED_BLOCKS
 
 FORMAT = "liteattention-profile"
@@ -74,14 +75,18 @@ class Budget:
             raise ValueError(f"metric: expected one of {', '.join(METRICS)}, got {self.metric!r}")
         if self.max_error is None and self.min_psnr is None and self.target_sparsity is None:
             raise ValueError("budget: set max_error, min_psnr or target_sparsity (any or all)")
-        if self.max_error is not None and not (isinstance(self.max_error, (int, float)) and self.max_error > 0):
-            raise ValueError(f"max_error: expected a positive float, got {self.max_error!r}")
-        if self.min_psnr is not None and not (isinstance(self.min_psnr, (int, float)) and math.isfinite(self.min_psnr)):
-            raise ValueError(f"min_psnr: expected a finite float (dB), got {self.min_psnr!r}")
-        if self.target_sparsity is not None and not (
-            isinstance(self.target_sparsity, (int, float)) and 0 < self.target_sparsity < 1
-        ):
-            raise ValueError(f"target_sparsity: expected a float in (0, 1), got {self.target_sparsity!r}")
+        bounds = {
+            "max_error": ("a positive finite float", lambda x: 0 < x < math.inf),
+            "min_psnr": ("a finite float (dB)", math.isfinite),
+            "target_sparsity": ("a float in (0, 1)", lambda x: 0 < x < 1),
+        }
+        for name, (expected, ok) in bounds.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not (is_real(value) and ok(float(value))):
+                raise ValueError(f"{name}: expected {expected}, got {value!r}")
+            object.__setattr__(self, name, float(value))  # numpy scalars become floats, as a file reads back
 
 
 @dataclass(frozen=True)
@@ -417,9 +422,10 @@ def _format_of(path: Path) -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):  # numpy scalars too: their repr is not TOML
+        value = float(value)
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
     if isinstance(value, str):
         return json.dumps(value)  # a TOML basic string

@@ -37,7 +37,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +47,9 @@ from tqdm.auto import tqdm
 
 from ..attention import check_scale
 from ..integrations import apply_lite_attention
+from ..integrations.diffusers import model_spec
 from ..plan import normalize_ranges
+from ..schedule import check_int, is_real
 from ..state import TileGeometry, check_block_sizes, default_block_sizes
 from .profile import Budget, Profile
 from .tiles import evaluate_call
@@ -373,6 +375,27 @@ def _from_pipeline(pipeline: Any, num_inference_steps: int | None, kwargs: dict[
     return generate, transformer
 
 
+def _finite(value: Any) -> float:
+    if not (is_real(value) and math.isfinite(value)):
+        raise ValueError
+    return float(value)
+
+
+def _numbers(name: str, values: Any, expected: str, convert: Callable[[Any], Any]) -> list:
+    """``values`` (a sequence, numpy array or tensor) as a non-empty list of Python numbers, each
+    through ``convert``; a ValueError naming ``name`` otherwise."""
+    problem = ValueError(f"{name}: expected a non-empty sequence of {expected}, got {values!r}")
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise problem
+    items = values.tolist() if isinstance(values, (np.ndarray, torch.Tensor)) else list(values)
+    if not isinstance(items, list) or not items:
+        raise problem
+    try:
+        return [convert(v) for v in items]
+    except ValueError:
+        raise problem from None
+
+
 def calibrate(
     pipeline: Any = None,
     prompts: Sequence[str] = (),
@@ -427,15 +450,14 @@ def calibrate(
         raise TypeError("calibrate: generate= needs transformer= (the model whose attention is calibrated)")
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts: expected a non-empty sequence of prompts")
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ValueError(f"seeds: expected a non-empty sequence of non-negative ints, got {list(seeds)!r}")
+    seeds = _numbers("seeds", seeds, "non-negative ints", lambda s: check_int("seeds", s, 0))
     if block_m is not None or block_n is not None:
         check_block_sizes(block_m or 128, block_n or 64)
-    if not grid or any(not math.isfinite(float(t)) for t in grid):
-        raise ValueError("grid: expected finite thresholds (log2), e.g. -20 .. 0")
+    grid = _numbers("grid", grid, "finite thresholds (log2), e.g. -20 .. 0", _finite)
     if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
         raise ValueError(f"max_trials: expected a positive int, got {max_trials!r}")
 
+    model_spec(transformer)  # an unsupported model is refused before the dense generation, not after
     start_time = time.perf_counter()
     cal = Calibrator(generate, transformer, prompts, seeds, metric=metric, grid=grid, block_m=block_m,
                      block_n=block_n, ramp=ramp, progress=progress)

@@ -259,6 +259,15 @@ _SPECS = (
 )
 
 
+def model_spec(transformer: torch.nn.Module) -> _ModelSpec:
+    """The patching recipe for ``transformer``'s class; a TypeError naming the supported classes if none."""
+    spec = next((s for s in _SPECS if isinstance(transformer, s.model)), None)
+    if spec is None:
+        supported = ", ".join(s.model.__name__ for s in _SPECS)
+        raise TypeError(f"transformer: expected one of {supported}; got {type(transformer).__name__}")
+    return spec
+
+
 def _valid_key_prefix(mask: torch.Tensor, batch: int, heads: int, seq_q: int, seq_k: int) -> int | None:
     """Number of valid leading keys if ``mask`` only hides a contiguous tail of keys, identically for
     every batch element, head and query; else None.
@@ -966,10 +975,7 @@ def apply_lite_attention(
     Returns:
         A :class:`LiteAttentionHandle`.
     """
-    spec = next((s for s in _SPECS if isinstance(transformer, s.model)), None)
-    if spec is None:
-        supported = ", ".join(s.model.__name__ for s in _SPECS)
-        raise TypeError(f"transformer: expected one of {supported}; got {type(transformer).__name__}")
+    spec = model_spec(transformer)
     if isinstance(threshold, Mapping):
         raise TypeError(
             "threshold: expected a float, a per-step sequence, a callable or a ThresholdSchedule; "
