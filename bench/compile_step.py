@@ -8,7 +8,9 @@ and run as a pipeline runs it: one call per denoising step under ``cache_context
 The first ``--compile-steps`` calls (compilation and the recompile after the masks are allocated) are
 timed apart; then ``--steps`` steps are timed one by one (CUDA events), with the sparsity LiteAttention
 reached at each. The same random latents feed every step (steady-state timing, not a sampler): the
-masks keep growing as they would, from the attention pattern of those inputs.
+masks keep growing as they would, from the attention pattern of those inputs. Each variant runs
+``--rounds`` times, fresh each time, in ABBA order (dense, lite, lite, dense, ...), so that a clock
+that drifts over the run weighs on both alike; a variant's median is over all its timed steps.
 
     PYTHONPATH=src python bench/compile_step.py --out results/compile-step           # on the GPU
     PYTHONPATH=src python bench/compile_step.py --model tiny --resolution tiny --device cpu --dtype float32 --out /tmp/cs
@@ -42,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mode", default="default", help="torch.compile mode (default, reduce-overhead, ...)")
     p.add_argument("--compile-steps", type=int, default=3, help="calls before timing (compilation, recompiles)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--rounds", type=int, default=2, help="runs of each variant, in ABBA order")
     p.add_argument("--block-m", type=int, default=None)
     p.add_argument("--block-n", type=int, default=None)
     p.add_argument("--device", default="cuda")
@@ -109,10 +112,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     times = [step(args.compile_steps + i) for i in range(args.steps)]
     sync(args.device)
     result = {
-        "variant": name,
         "compile_steps_s": compile_times,
         "step_s": times,
-        "median_step_s": statistics.median(times),
         "unique_graphs": counters["stats"]["unique_graphs"],
         "recompiles": sum(counters["recompiles"].values()),
         "graph_breaks": dict(counters["graph_break"]),
@@ -129,13 +130,34 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def merge(name: str, runs: list[dict]) -> dict:
+    """One variant over its runs: the median of all timed steps; the first run's first calls (later
+    runs find inductor's cache warm); the most graphs, recompiles and breaks any run saw."""
+    first = runs[0]
+    result = {
+        "variant": name,
+        "compile_steps_s": first["compile_steps_s"],
+        "median_step_s": statistics.median(t for r in runs for t in r["step_s"]),
+        "unique_graphs": max(r["unique_graphs"] for r in runs),
+        "recompiles": max(r["recompiles"] for r in runs),
+        "graph_breaks": {k: v for r in runs for k, v in r["graph_breaks"].items()},
+        "runs": runs,
+    }
+    if "sparsity_timed_steps" in first:
+        result["sparsity_timed_steps"] = first["sparsity_timed_steps"]
+    return result
+
+
 def main() -> None:
     args = parse_args()
-    results = []
-    for name in args.variants.split(","):
-        results.append(run_variant(name, args))
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()  # the variant's model is gone with its frame
+    names = args.variants.split(",")
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            runs[name].append(run_variant(name, args))
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()  # the run's model is gone with its frame
+    results = [merge(name, runs[name]) for name in names]
     dense = next((r for r in results if r["variant"] == "dense"), None)
     print(f"{args.model} {args.resolution}, compile={args.compile}, mode={args.mode}, device={torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}")
     print("| variant | first calls (s) | median step (s) | vs dense | sparsity (timed steps) | graphs | recompiles | breaks |")

@@ -40,9 +40,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, round_p: bool) 
     for start in range(0, q.shape[0], CHUNK):
         s = (q[start : start + CHUNK] @ k.T) * scale
         p = torch.exp(s - s.amax(1, keepdim=True)) * P_MAX
-        if round_p:
-            p = p.to(torch.float8_e4m3fn).float()
-        out.append((p @ v) / p.sum(1, keepdim=True))
+        rounded = p.to(torch.float8_e4m3fn).float() if round_p else p
+        out.append((rounded @ v) / p.sum(1, keepdim=True))  # the kernel sums P before rounding it
     return torch.cat(out)
 
 

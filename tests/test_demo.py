@@ -132,6 +132,21 @@ def test_timing_rounds_alternate_the_runs_and_flag_noise(tiny_model, tmp_path, m
     assert "too noisy for these speed-ups to mean much" in format_report(result, {})
 
 
+def test_noise_in_the_total_time_is_flagged_too(tiny_model, tmp_path, monkeypatch):
+    """Steady attention times but total sampling times 40% apart: the total speed-up is noise."""
+    import liteattention.demo as demo
+
+    real_sample, totals = demo._sample, iter([10.0, 10.0, 10.0, 14.0])  # dense, lite | lite, dense
+
+    def timed_sample(model, config, threshold, progress, **kwargs):
+        run, stats, masks = real_sample(model, config, threshold, progress, **kwargs)
+        return demo.RunResult(run.frames, next(totals), 1.0, run.attention_calls), stats, masks
+
+    monkeypatch.setattr(demo, "_sample", timed_sample)
+    result = run_demo(_config(tmp_path, timing_rounds=2), model=tiny_model, progress=False)
+    assert result.timing_spread == pytest.approx(4.0 / 12.0) and result.timing_is_noise
+
+
 def test_one_timing_round_says_its_noise_is_unmeasured(tiny_model, tmp_path):
     result = run_demo(_config(tmp_path, timing_rounds=1), model=tiny_model, progress=False)
     assert result.timing_spread is None and not result.timing_is_noise

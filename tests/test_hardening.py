@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import tiled_inputs
+
 from liteattention import LiteAttention, SkipState, lite_attention
 from liteattention.state import HISTORY_SIZE
 
@@ -339,3 +341,28 @@ def test_bad_threshold_list_names_the_option(capsys):
     err = usage_error(capsys, ["coherence", "--thresholds=abc"])
     assert "argument --thresholds: expected comma-separated numbers, got 'abc'" in err
     assert "_floats" not in err
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs on a GPU that is not the current one
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_call_on_another_gpu_than_the_current_one_runs_on_its_own():
+    """A model placed on cuda:1 while cuda:0 is current: the kernels launch on cuda:1 and give the
+    reference's output and marks."""
+    torch.cuda.set_device(0)
+    negligible = torch.rand(2, 2, 5, generator=torch.Generator().manual_seed(0)) < 0.5  # (B, H, Kt)
+    q, k, v = tiled_inputs(2, 300, 2, 64, 64, torch.bfloat16, "cuda:1", negligible)
+    results = {}
+    for backend in ("triton", "reference"):
+        state = SkipState.for_inputs(q, k, block_m=128, block_n=64)
+        outs = [lite_attention(q, k, v, state, threshold=-4.0, backend=backend) for _ in range(2)]
+        results[backend] = outs, state.mask()
+    assert torch.cuda.current_device() == 0
+    (outs, mask), (ref_outs, ref_mask) = results["triton"], results["reference"]
+    assert torch.equal(mask, ref_mask) and mask.any()
+    for out, ref in zip(outs, ref_outs):
+        assert out.device == torch.device("cuda:1")
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)

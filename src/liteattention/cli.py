@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -209,6 +210,31 @@ def _make_out_folder(parser: argparse.ArgumentParser, out: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    with _current_device(getattr(args, "device", None)):
+        _run(args)
+
+
+@contextlib.contextmanager
+def _current_device(name: str | None) -> Iterator[None]:
+    """--device cuda:N made current for the command: CUDA events and synchronizes act on the
+    current device. Bad names are left to the command, which rejects them naming the option."""
+    if not (name or "").startswith("cuda:"):
+        yield
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or not torch.cuda.is_available() or not 0 <= device.index < torch.cuda.device_count():
+        yield
+        return
+    with torch.cuda.device(device):
+        yield
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "info":
         from .info import main as info
 

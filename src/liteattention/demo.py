@@ -63,13 +63,13 @@ class RunResult:
 
     @staticmethod
     def mean(runs: list[RunResult]) -> tuple[RunResult, float | None]:
-        """The first run's video with the mean times of ``runs``, and the spread of their
-        attention times ((max - min) / mean; None for one run)."""
-        seconds = [run.attention_seconds for run in runs]
-        mean = float(np.mean(seconds))
-        spread = (max(seconds) - min(seconds)) / mean if len(runs) > 1 else None
-        total = float(np.mean([run.total_seconds for run in runs]))
-        return RunResult(runs[0].frames, total, mean, runs[0].attention_calls), spread
+        """The first run's video with the mean times of ``runs``, and the larger spread of their
+        attention and total times ((max - min) / mean; None for one run)."""
+        attention = [run.attention_seconds for run in runs]
+        total = [run.total_seconds for run in runs]
+        spread = max((max(t) - min(t)) / np.mean(t) for t in (attention, total)) if len(runs) > 1 else None
+        mean = RunResult(runs[0].frames, float(np.mean(total)), float(np.mean(attention)), runs[0].attention_calls)
+        return mean, None if spread is None else float(spread)
 
 
 @dataclass(frozen=True)

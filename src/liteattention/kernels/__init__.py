@@ -125,6 +125,21 @@ def kernel_layout(t: torch.Tensor, head_dim: int) -> torch.Tensor:
     return t if addressable else t.contiguous()
 
 
+def _on_q_device(fn):
+    """Run ``fn`` with q's GPU current: Triton launches on the current device, which is not q's when
+    a model sits on cuda:1 while cuda:0 is current (the guard FlashAttention's launchers take)."""
+
+    @functools.wraps(fn)
+    def on_q_device(q: torch.Tensor, *args: Any, **kwargs: Any):
+        if q.is_cuda and q.device.index != torch.cuda.current_device():
+            with torch.cuda.device(q.device):
+                return fn(q, *args, **kwargs)
+        return fn(q, *args, **kwargs)
+
+    return on_q_device
+
+
+@_on_q_device
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
