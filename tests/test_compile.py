@@ -228,3 +228,34 @@ def test_tile_geometry_takes_symbolic_sizes() -> None:
         expected = (1, 2, math.ceil(seq / 128), math.ceil(seq / 64 / 32))
         assert compiled(torch.empty(seq)).shape == TileGeometry(seq, seq, 128, 64).mask_shape(1, 2) == expected
     assert _graphs() == 1
+
+
+@pytest.mark.parametrize("how", ["blocks", "whole"])
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_a_compiled_model_takes_a_new_frame_count(how, dynamic) -> None:
+    """A second generation with more frames, compiled: the sequence length turns symbolic (dynamo
+    marks it dynamic when it changes, or from the start with dynamic=True); each layer gets a
+    fresh mask for the new length, and outputs, masks and stats stay the eager model's."""
+    model, inputs = build("wan")
+    eager = copy.deepcopy(model)
+    expected_handle = apply_lite_attention(eager, 0.0, block_m=BLOCK, block_n=BLOCK)
+    handle = apply_lite_attention(model, 0.0, block_m=BLOCK, block_n=BLOCK)
+    if how == "blocks":
+        model.compile_repeated_blocks(fullgraph=True, backend="aot_eager", dynamic=dynamic)
+        compiled = model
+    else:
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    longer = torch.randn(1, 4, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    for frames in (inputs["hidden_states"], longer):
+        step_inputs = dict(inputs, hidden_states=frames)
+        for t in TIMESTEPS[:2]:
+            timestep = torch.full((1,), t)
+            with torch.no_grad():
+                got = compiled(**step_inputs, timestep=timestep, return_dict=False)[0]
+                expected = eager(**step_inputs, timestep=timestep, return_dict=False)[0]
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        masks, reference = handle.masks(0), expected_handle.masks(0)
+        assert all(torch.equal(masks[layer], reference[layer]) for layer in handle.layers)
+        assert any(m.any() for m in masks.values())
+    assert handle.stats() == expected_handle.stats()
+    assert not counters["graph_break"]

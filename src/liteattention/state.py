@@ -83,6 +83,20 @@ class TileGeometry:
             if isinstance(value, int) and value < 1:
                 raise ValueError(f"{name}: expected a sequence length >= 1, got {value}")
 
+    # Field by field, both ways: dynamo cannot compare the generated tuples, nor take `!=` as
+    # `not ==`, once the lengths are symbolic (a compiled model meeting a second frame count).
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TileGeometry):
+            return NotImplemented
+        return (
+            self.seq_q == other.seq_q and self.seq_k == other.seq_k
+            and self.block_m == other.block_m and self.block_n == other.block_n
+        )
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
     @property
     def q_tiles(self) -> int:
         return -(-self.seq_q // self.block_m)
