@@ -180,10 +180,21 @@ class Profile:
         if wrong:
             raise ProfileError("the profile does not fit this run: it was made for " + "; ".join(wrong))
 
-    def check_call(self, layer: int, seq_q: int, seq_k: int, heads: int, head_dim: int) -> None:
-        """Refuse an attention call whose shape differs from the profile's for that layer."""
-        if (seq_q, seq_k, heads, head_dim) != self.shapes[layer]:
-            self.check(shapes={layer: (seq_q, seq_k, heads, head_dim)})
+    def check_call(self, layer: int | None, seq_q: int, seq_k: int, heads: int, head_dim: int) -> None:
+        """Refuse an attention call whose shape differs from the profile's for that layer (``layer``
+        None: from every layer's, for a block compiled once for all layers)."""
+        shape = (seq_q, seq_k, heads, head_dim)
+        # Element by element: under torch.compile the lengths can be symbolic, and dynamo cannot
+        # compare tuples of them.
+        layers = range(self.layers) if layer is None else (layer,)
+        if any(all(a == b for a, b in zip(shape, self.shapes[i])) for i in layers):
+            return
+        if layer is not None:
+            self.check(shapes={layer: shape})
+        raise ProfileError(
+            f"the profile does not fit this run: attention shape (seq_q, seq_k, heads, head_dim) {shape} is no "
+            f"layer's of the profile ({', '.join(map(str, sorted(set(self.shapes))))})"
+        )
 
     def check_timestep(self, step: int, timestep: float) -> None:
         """Refuse a generation whose timesteps differ from the profile's (another step count or

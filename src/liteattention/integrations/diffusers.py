@@ -430,8 +430,11 @@ class LiteAttentionProcessor:
         live = self.live
         batch, seq_q, heads, head_dim = q.shape
         seq_k = k.shape[1]
-        if self._handle._profile is not None:  # shapes are static: checked once per shape when compiled
-            self._handle._profile.check_call(self.layer, seq_q, seq_k, heads, head_dim)
+        if self._handle._profile is not None:
+            # Per layer when eager. Compiled, once per shape and against every layer's: one block
+            # compiled for all layers would otherwise guard, and recompile, on the layer index.
+            layer = None if torch.compiler.is_compiling() else self.layer
+            self._handle._profile.check_call(layer, seq_q, seq_k, heads, head_dim)
         default_m, default_n = default_block_sizes(head_dim)
         block_m = self._tiles[0] or default_m
         block_n = self._tiles[1] or default_n
