@@ -10,6 +10,7 @@ op is also compiled with inductor.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -297,3 +298,32 @@ def test_a_profile_under_regional_compilation_compiles_one_block_for_all_layers(
     longer = dict(inputs, hidden_states=torch.randn(1, 4, 4, 16, 16, generator=g))
     with torch.no_grad(), pytest.raises(Exception, match="no layer's of the profile"):
         model(**longer, timestep=torch.full((1,), TIMESTEPS[0]), return_dict=False)
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_a_profile_checks_the_timesteps_under_whole_model_compile(context) -> None:
+    """The timestep's value is on the device while the compiled graph runs: the profile reads it in
+    an op at run time, and refuses another scheduler's timesteps as the eager model does."""
+    from liteattention.calibration import Budget, Profile, ProfileError
+
+    model, inputs = build("wan")
+    profile = Profile(
+        thresholds=(((0.0,) * 2,) * len(TIMESTEPS),), model="WanTransformer3DModel",
+        layer_names=("blocks.0.attn1", "blocks.1.attn1"), shapes=((128, 128, 2, 32),) * 2,
+        block_m=BLOCK, block_n=BLOCK, timesteps=TIMESTEPS, budget=Budget(max_error=0.05),
+    )
+    apply_lite_attention(model, profile=profile)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+
+    def step(index: int, t: float) -> None:
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if context:
+                stack.enter_context(model.cache_context("cond", step_index=index))
+            compiled(**inputs, timestep=torch.full((1,), t), return_dict=False)
+
+    for index, t in enumerate(TIMESTEPS):  # the profile's own timesteps: accepted, two graphs
+        step(index, t)
+    assert _graphs() == 2
+    step(0, TIMESTEPS[0])  # a new generation with other timesteps
+    with pytest.raises(ProfileError, match="this generation's step 1 has timestep 700"):
+        step(1, 700.0)

@@ -601,13 +601,17 @@ class _StepHook(ModelHook):
             else:
                 timestep = args[self._timestep_index] if len(args) > self._timestep_index else None
             handle._on_bare_call(timestep)
-        if handle is not None and handle._profile is not None and not torch.compiler.is_compiling():
+        if handle is not None and handle._profile is not None:
             # A profile checks each step's timestep against its own (another step count or scheduler).
             if "timestep" in kwargs:
                 timestep = kwargs["timestep"]
             else:
                 timestep = args[self._timestep_index] if len(args) > self._timestep_index else None
-            handle._profile.check_timestep(handle._clock.step, float(_timestep_tensor(timestep).max()))
+            timestep = _timestep_tensor(timestep)
+            if torch.compiler.is_compiling():  # the value is on the device: read at run time, in an op
+                torch.ops.liteattention.profile_timestep(timestep, handle._id, handle._live_tensors()[2])
+            else:
+                handle._profile.check_timestep(handle._clock.step, float(timestep.max()))
         return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -659,6 +663,20 @@ def _timestep_clock(
 
 @_timestep_clock.register_fake
 def _(timestep, handle, bits, counts, thresholds) -> None:
+    return None
+
+
+@torch.library.custom_op("liteattention::profile_timestep", mutates_args=("thresholds",), tags=ops.HOST_OP_TAGS)
+def _profile_timestep(timestep: torch.Tensor, handle: int, thresholds: list[torch.Tensor]) -> None:
+    """A profile's timestep check for a compiled transformer, at run time. ``thresholds`` (the
+    layers' live thresholds, left as they are) is declared mutated so that the compiler keeps, and
+    orders after the clock, a call that returns nothing."""
+    owner = _HANDLES[handle]
+    owner._profile.check_timestep(owner._clock.step, float(timestep.max()))
+
+
+@_profile_timestep.register_fake
+def _(timestep, handle, thresholds) -> None:
     return None
 
 
