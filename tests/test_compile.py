@@ -262,32 +262,28 @@ def test_a_compiled_model_takes_a_new_frame_count(how, dynamic) -> None:
     assert not counters["graph_break"]
 
 
+def _wan_profile(thresholds: tuple[float, ...]):
+    """A one-branch profile for build("wan", layers=len(thresholds)): those per-layer thresholds at
+    every step of TIMESTEPS."""
+    from liteattention.calibration import Budget, Profile
+
+    layers = len(thresholds)
+    return Profile(
+        thresholds=((thresholds,) * len(TIMESTEPS),), model="WanTransformer3DModel",
+        layer_names=tuple(f"blocks.{i}.attn1" for i in range(layers)), shapes=((128, 128, 2, 32),) * layers,
+        block_m=BLOCK, block_n=BLOCK, timesteps=TIMESTEPS, budget=Budget(max_error=0.05),
+    )
+
+
 def test_a_profile_under_regional_compilation_compiles_one_block_for_all_layers() -> None:
     """Per-layer thresholds from a profile, compile_repeated_blocks over 6 layers: two graphs, as
     with one threshold (the profile's shape check does not guard on the layer index), the eager
     model's outputs, and a call of another shape refused."""
-    from diffusers import WanTransformer3DModel
-
-    from liteattention.calibration import Budget, Profile
-
-    layers = 6
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
-        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=layers, rope_max_seq_len=32,
-    ).eval()
+    model, inputs = build("wan", layers=6)
     eager = copy.deepcopy(model)
-    thresholds = tuple(tuple(-0.5 * (layer % 3) for layer in range(layers)) for _ in TIMESTEPS)
-    profile = Profile(
-        thresholds=(thresholds,), model="WanTransformer3DModel",
-        layer_names=tuple(f"blocks.{i}.attn1" for i in range(layers)), shapes=((128, 128, 2, 32),) * layers,
-        block_m=BLOCK, block_n=BLOCK, timesteps=TIMESTEPS, budget=Budget(max_error=0.05),
-    )
+    profile = _wan_profile(tuple(-0.5 * (layer % 3) for layer in range(6)))
     handle, expected_handle = apply_lite_attention(model, profile=profile), apply_lite_attention(eager, profile=profile)
     model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
-    g = torch.Generator().manual_seed(0)
-    inputs = {"hidden_states": torch.randn(1, 4, 2, 16, 16, generator=g),
-              "encoder_hidden_states": torch.randn(1, 16, 32, generator=g)}
     for t in TIMESTEPS:
         with torch.no_grad():
             got = model(**inputs, timestep=torch.full((1,), t), return_dict=False)[0]
@@ -295,7 +291,7 @@ def test_a_profile_under_regional_compilation_compiles_one_block_for_all_layers(
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert _graphs() == 2 and not counters["graph_break"]
     assert handle.stats() == expected_handle.stats() and any(m.any() for m in handle.masks(0).values())
-    longer = dict(inputs, hidden_states=torch.randn(1, 4, 4, 16, 16, generator=g))
+    longer = dict(inputs, hidden_states=torch.randn(1, 4, 4, 16, 16))
     with torch.no_grad(), pytest.raises(Exception, match="no layer's of the profile"):
         model(**longer, timestep=torch.full((1,), TIMESTEPS[0]), return_dict=False)
 
@@ -304,15 +300,10 @@ def test_a_profile_under_regional_compilation_compiles_one_block_for_all_layers(
 def test_a_profile_checks_the_timesteps_under_whole_model_compile(context) -> None:
     """The timestep's value is on the device while the compiled graph runs: the profile reads it in
     an op at run time, and refuses another scheduler's timesteps as the eager model does."""
-    from liteattention.calibration import Budget, Profile, ProfileError
+    from liteattention.calibration import ProfileError
 
     model, inputs = build("wan")
-    profile = Profile(
-        thresholds=(((0.0,) * 2,) * len(TIMESTEPS),), model="WanTransformer3DModel",
-        layer_names=("blocks.0.attn1", "blocks.1.attn1"), shapes=((128, 128, 2, 32),) * 2,
-        block_m=BLOCK, block_n=BLOCK, timesteps=TIMESTEPS, budget=Budget(max_error=0.05),
-    )
-    apply_lite_attention(model, profile=profile)
+    apply_lite_attention(model, profile=_wan_profile((0.0, 0.0)))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
 
     def step(index: int, t: float) -> None:

@@ -33,10 +33,10 @@ def _randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _wan(batch: int, seed: int):
+def _wan(batch: int, seed: int, layers: int = 2):
     model = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
-        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=layers, rope_max_seq_len=32,
     )
     inputs = {
         "hidden_states": _randn(batch, 4, 2, 16, 16, seed=seed),
@@ -97,9 +97,9 @@ BUILDERS = {"wan": _wan, "ltx": _ltx, "hunyuan": _hunyuan, "cogvideox": _cogvide
 TEXT_KEYS = {"hunyuan": (128, 128 + HUNYUAN_VALID_TEXT), "cogvideox": (0, TEXT)}
 
 
-def build(name: str, batch: int = 1, seed: int = 0):
+def build(name: str, batch: int = 1, seed: int = 0, **options):
     torch.manual_seed(seed)
-    model, inputs = BUILDERS[name](batch, seed)
+    model, inputs = BUILDERS[name](batch, seed, **options)
     return model.eval(), inputs
 
 

@@ -595,18 +595,16 @@ class _StepHook(ModelHook):
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         handle = self.contexts._handle()
-        if handle is not None and not handle._in_context:
-            if "timestep" in kwargs:
-                timestep = kwargs["timestep"]
-            else:
-                timestep = args[self._timestep_index] if len(args) > self._timestep_index else None
+        if handle is None:
+            return args, kwargs
+        if "timestep" in kwargs:
+            timestep = kwargs["timestep"]
+        else:
+            timestep = args[self._timestep_index] if len(args) > self._timestep_index else None
+        if not handle._in_context:
             handle._on_bare_call(timestep)
-        if handle is not None and handle._profile is not None:
+        if handle._profile is not None:
             # A profile checks each step's timestep against its own (another step count or scheduler).
-            if "timestep" in kwargs:
-                timestep = kwargs["timestep"]
-            else:
-                timestep = args[self._timestep_index] if len(args) > self._timestep_index else None
             timestep = _timestep_tensor(timestep)
             if torch.compiler.is_compiling():  # the value is on the device: read at run time, in an op
                 torch.ops.liteattention.profile_timestep(timestep, handle._id, handle._live_tensors()[2])
